@@ -1,0 +1,375 @@
+"""The one owner of checkpoint state: what a checkpoint holds, how it is written, found, checked and read.
+
+Layout of `OUT/checkpoint-<step>/` (the spec's four files first):
+    policy.safetensors          unwrapped policy weights
+    preprocessor_config.json    lerobot processor pipelines, with their stats
+    postprocessor_config.json   (policy_*_step_*.safetensors beside them)
+    optimizer_state.pth         optimizer state dict (torch.load(weights_only=True))
+    scheduler_state.pth         LR scheduler state, when the policy has a schedule
+    scaler_state.pth            fp16 GradScaler state, with --mixed_precision fp16
+    config.json                 the policy config (lerobot format)
+    train_config.json           the run's full config
+    trainer_state.json          step, data position, world size, batch size, ...
+    manifest.json               size and sha256 of every file above, written last
+
+A checkpoint is written under `.tmp-checkpoint-<step>`, flushed to disk, and renamed only when complete, so a
+folder named `checkpoint-<step>` is never half-written. Nothing read from a checkpoint is unpickled.
+
+The RNG needs no file: the trainer re-seeds from (seed, step, rank) at every step and every sample's
+augmentation from (seed, epoch, position), so the random streams after step K are the same in a resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from accelerate import Accelerator
+from lerobot.policies import PreTrainedPolicy
+from lerobot.processor import PolicyProcessorPipeline
+from safetensors.torch import load_model, save_model
+
+from accel_train.data import DataPosition
+from accel_train.errors import TrainError
+from accel_train.model import POSTPROCESSOR_FILE, PREPROCESSOR_FILE
+
+log = logging.getLogger(__name__)
+
+POLICY_FILE = "policy.safetensors"
+OPTIMIZER_FILE = "optimizer_state.pth"
+SCHEDULER_FILE = "scheduler_state.pth"
+SCALER_FILE = "scaler_state.pth"
+POLICY_CONFIG_FILE = "config.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = (POLICY_FILE, OPTIMIZER_FILE)
+# Accelerate's save_state names -> ours. Its per-rank `random_states_<rank>.pkl` are dropped (see above).
+ACCELERATE_FILES = {"optimizer.bin": OPTIMIZER_FILE, "scheduler.bin": SCHEDULER_FILE, "scaler.pt": SCALER_FILE}
+NAME = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that an exact resume needs, stored as json."""
+
+    step: int
+    data: DataPosition = field(default_factory=DataPosition)
+    samples_seen: int = 0
+    seed: int = 0
+    num_processes: int = 1
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    policy_type: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainerState:
+        raw = _read_json(path)
+        try:
+            return cls(**{**raw, "data": DataPosition(**raw.get("data", {}))})
+        except TypeError as error:
+            raise TrainError(f"{path} is not a trainer state file of accel-train ({error}).") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainError(f"Could not read {path}: {error}.") from None
+    if not isinstance(value, dict):
+        raise TrainError(f"{path} does not hold a JSON object.")
+    return value
+
+
+def step_from_name(path: Path) -> int | None:
+    match = NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Flush every file, then record its size and sha256: the manifest's presence marks a complete write."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    manifest = folder / MANIFEST_FILE
+    manifest.write_text(json.dumps({"files": files}, indent=2))
+    _fsync(manifest)
+    return files
+
+
+def verify(folder: Path) -> str | None:
+    """None when every file of the manifest is there with its size and hash; else what is wrong."""
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        return f"it has no {MANIFEST_FILE} (incomplete, or written by another tool)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes instead of {expected['size']}"
+        if sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST_FILE}"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoint folders under their final names, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(step_from_name(p), p) for p in output_dir.iterdir() if p.is_dir()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def clean_temporary(output_dir: Path) -> None:
+    """Remove the half-written checkpoints a crash left behind; they are never taken for checkpoints."""
+    if output_dir.is_dir():
+        for leftover in output_dir.glob(f"{TMP_PREFIX}*"):
+            log.warning("Removing %s, left by an interrupted checkpoint write.", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def find_latest(output_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("Skipping %s: %s.", path, problem)
+    return None
+
+
+def resolve(spec: str, output_dir: Path) -> Path | None:
+    """--resume_from_checkpoint value -> a checkpoint folder to load (None: start fresh)."""
+    if spec == "latest":
+        return find_latest(output_dir)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise TrainError(
+            f"The checkpoint {path} does not exist. Checkpoints in {output_dir}: "
+            f"{', '.join(p.name for _, p in list_checkpoints(output_dir)) or 'none'} "
+            "(--resume_from_checkpoint latest picks the newest)."
+        )
+    if not path.is_dir():
+        raise TrainError(f"The checkpoint {path} is a file; pass a checkpoint-<step> folder.")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise TrainError(
+            f"The checkpoint {path} is missing {' and '.join(missing)}, which resuming needs. Pick another "
+            "checkpoint, or --init_from it to start over from its weights."
+        )
+    if (path / MANIFEST_FILE).exists() and (problem := verify(path)):
+        raise TrainError(f"The checkpoint {path} is corrupted: {problem}. Resume from an earlier checkpoint.")
+    return path
+
+
+def read_state(checkpoint: Path) -> TrainerState | None:
+    return TrainerState.from_file(checkpoint / STATE_FILE) if (checkpoint / STATE_FILE).is_file() else None
+
+
+def resume_step(checkpoint: Path, state: TrainerState | None) -> int:
+    """The step a checkpoint continues at: its folder name's number, else its state file's; both must agree."""
+    named = step_from_name(checkpoint)
+    if named is not None and state is not None and named != state.step:
+        raise TrainError(
+            f"The checkpoint folder {checkpoint.name} says step {named} but its {STATE_FILE} says step "
+            f"{state.step}. Rename the folder to checkpoint-{state.step} if it was renamed by mistake."
+        )
+    if named is None and state is None:
+        raise TrainError(
+            f"Cannot tell which step {checkpoint} is at: its name is not checkpoint-<step> and it has no "
+            f"{STATE_FILE}. Rename it to checkpoint-<step>."
+        )
+    return named if named is not None else state.step
+
+
+def read_train_config(checkpoint: Path) -> dict[str, Any] | None:
+    path = checkpoint / TRAIN_CONFIG_FILE
+    return _read_json(path) if path.is_file() else None
+
+
+def read_policy_config(checkpoint: Path) -> dict[str, Any] | None:
+    path = checkpoint / POLICY_CONFIG_FILE
+    return _read_json(path) if path.is_file() else None
+
+
+def load_tensors(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, so a crafted file runs no code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise TrainError(
+            f"Refusing to load {path}: it holds Python objects beyond tensors and plain containers, which "
+            f"would have to run code to be read ({str(error).splitlines()[0]}). Checkpoints can come from "
+            "strangers, so accel-train never unpickles them."
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise TrainError(f"{path} is not a readable torch tensor file ({error}).") from None
+
+
+def load_policy_weights(policy: PreTrainedPolicy, checkpoint: Path) -> None:
+    """Strictly load policy.safetensors into the (unwrapped) policy, with a readable error when it does not fit."""
+    path = checkpoint / POLICY_FILE
+    try:
+        with safetensors.safe_open(path, "pt") as file:
+            names = set(file.keys())
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise TrainError(f"{path} is not a valid safetensors file ({error}); the checkpoint is damaged.") from None
+    expected = policy.state_dict()
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(names - set(expected))
+    if missing or unexpected:
+        raise TrainError(
+            f"{path} does not fit the {policy.config.type} policy being built: {len(missing)} missing tensors "
+            f"({', '.join(missing[:3])}...) and {len(unexpected)} unexpected ones ({', '.join(unexpected[:3])}...). "
+            "The checkpoint comes from another policy type or architecture."
+        )
+    with safetensors.safe_open(path, "pt") as file:
+        for name in names:
+            shape = tuple(file.get_slice(name).get_shape())
+            if shape != tuple(expected[name].shape):
+                raise TrainError(
+                    f"{path} has '{name}' of shape {shape}, the policy being built expects "
+                    f"{tuple(expected[name].shape)}: the checkpoint has another architecture."
+                )
+    load_model(policy, path, strict=True)
+
+
+def load_optimizer_and_scheduler(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    try:
+        optimizer.load_state_dict(load_tensors(checkpoint / OPTIMIZER_FILE))
+    except (ValueError, KeyError) as error:
+        raise TrainError(
+            f"{checkpoint / OPTIMIZER_FILE} does not fit this policy's optimizer ({error})."
+        ) from None
+    if scheduler is not None:
+        if (checkpoint / SCHEDULER_FILE).is_file():
+            scheduler.load_state_dict(load_tensors(checkpoint / SCHEDULER_FILE))
+        else:
+            log.warning("%s has no %s: the LR schedule restarts at its beginning.", checkpoint, SCHEDULER_FILE)
+
+
+class Checkpointer:
+    """Writes checkpoints through Accelerate's save_state, on every rank, with our files from its save hook."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        output_dir: Path,
+        preprocessor: PolicyProcessorPipeline,
+        postprocessor: PolicyProcessorPipeline,
+        train_config: dict[str, Any],
+    ):
+        self.accelerator = accelerator
+        self.output_dir = output_dir
+        self.preprocessor, self.postprocessor = preprocessor, postprocessor
+        self.train_config = train_config
+        self._state: TrainerState | None = None
+        accelerator.register_save_state_pre_hook(self._save_hook)
+
+    def _save_hook(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+        """Write the policy and processors ourselves, in lerobot's formats, instead of Accelerate's model file.
+
+        Runs on every rank. Popping the weights stops Accelerate from writing its own model.safetensors (under
+        DDP with `module.` prefixes); under FSDP the list is empty (issue of a full-state gather, not handled).
+        """
+        weights.clear()
+        if not self.accelerator.is_main_process:
+            return
+        folder = Path(output_dir)
+        policy = self.accelerator.unwrap_model(models[0])
+        save_model(policy, str(folder / POLICY_FILE))
+        policy.config._save_pretrained(folder)
+        self.preprocessor.save_pretrained(folder, config_filename=PREPROCESSOR_FILE)
+        self.postprocessor.save_pretrained(folder, config_filename=POSTPROCESSOR_FILE)
+        (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(self.train_config, indent=2))
+        (folder / STATE_FILE).write_text(self._state.to_json())
+
+    def save(self, state: TrainerState) -> Path:
+        """Write checkpoint-<step> atomically; every rank must call it (save_state and barriers are collective)."""
+        final = self.output_dir / f"checkpoint-{state.step}"
+        tmp = self.output_dir / f"{TMP_PREFIX}{state.step}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._state = state
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()  # save_state has no barrier of its own: all ranks' files are in
+        if self.accelerator.is_main_process:
+            for theirs, ours in ACCELERATE_FILES.items():
+                if (tmp / theirs).exists():
+                    (tmp / theirs).rename(tmp / ours)
+            for rng_file in tmp.glob("random_states_*.pkl"):
+                rng_file.unlink()
+            write_manifest(tmp)
+            if final.exists():  # a corrupt or abandoned checkpoint of the same step: replaced only now
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(self.output_dir)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def export_final(
+    output_dir: Path,
+    policy: PreTrainedPolicy,
+    preprocessor: PolicyProcessorPipeline,
+    postprocessor: PolicyProcessorPipeline,
+    train_config: dict[str, Any],
+    state: TrainerState,
+) -> None:
+    """The final model in OUT's root, under lerobot's names (from_pretrained, make_pre_post_processors) and
+    the spec's (policy.safetensors, preprocessor_config.json, postprocessor_config.json).
+
+    Written to a temporary folder first, then moved file by file, so no file in OUT is ever half-written.
+    """
+    staging = output_dir / f".tmp-final-{int(time.time())}"
+    staging.mkdir(parents=True)
+    policy.save_pretrained(staging)
+    os.link(staging / "model.safetensors", staging / POLICY_FILE)  # same bytes, one copy on disk
+    for pipeline, spec_name in ((preprocessor, PREPROCESSOR_FILE), (postprocessor, POSTPROCESSOR_FILE)):
+        pipeline.save_pretrained(staging)
+        pipeline.save_pretrained(staging, config_filename=spec_name)
+    (staging / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2))
+    (staging / STATE_FILE).write_text(state.to_json())
+    for path in staging.iterdir():
+        _fsync(path)
+        path.replace(output_dir / path.name)
+    staging.rmdir()
+    _fsync(output_dir)

@@ -1,0 +1,197 @@
+"""The run's configuration: one dataclass, parsed by draccus like lerobot-train's.
+
+Precedence, lowest first: field defaults, the resumed checkpoint's `train_config.json`, `--config FILE.yaml`,
+then flags (or `train(**kwargs)`). Only flags the user gave override, so resuming with the short command of
+the spec keeps the policy the run was started with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import draccus
+import lerobot.policies  # noqa: F401  (registers every policy config type with draccus)
+import yaml
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.optim.optimizers import OptimizerConfig
+from lerobot.optim.schedulers import LRSchedulerConfig
+from lerobot.transforms import ImageTransformsConfig
+
+from accel_train.errors import UsageError
+
+DEFAULT_POLICY_TYPE = "act"
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # Where checkpoints, metrics and the final model go.
+    output_dir: Path | None = None
+    # LeRobot dataset repo id, and a local copy of it (needed offline).
+    dataset_id: str = "ISdept/piper_arm"
+    dataset_root: Path | None = None
+    # Create the embedded demo dataset at dataset_root when nothing is there (configs/demo.yaml).
+    demo_dataset: bool = False
+    # "torchcodec" or "pyav"; empty: torchcodec when its FFmpeg libraries load, else pyav.
+    video_backend: str | None = None
+    # A checkpoint folder, or "latest" (newest complete checkpoint in output_dir, or a fresh start).
+    resume_from_checkpoint: str | None = None
+    # Fine-tune: weights and processors from this checkpoint, fresh optimizer, step 0.
+    init_from: str | None = None
+    # Allow a fresh run into an output_dir that already holds checkpoints (they are deleted).
+    overwrite: bool = False
+    steps: int = 100_000
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    save_freq: int = 5_000
+    log_freq: int = 100
+    seed: int = 1000
+    num_workers: int = 4
+    mixed_precision: str = "no"
+    # None: the policy's own lerobot preset (as lerobot-train does).
+    optimizer: OptimizerConfig | None = None
+    scheduler: LRSchedulerConfig | None = None
+    image_transforms: ImageTransformsConfig = field(default_factory=ImageTransformsConfig)
+    policy: PreTrainedConfig | None = None
+
+    def validate(self) -> None:
+        problems = []
+        if self.output_dir is None:
+            problems.append("--output_dir is required")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "save_freq", "log_freq"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        if self.num_workers < 0:
+            problems.append("--num_workers must be 0 or more")
+        if self.video_backend not in (None, "torchcodec", "pyav"):
+            problems.append("--video_backend must be torchcodec or pyav")
+        if self.resume_from_checkpoint and self.init_from:
+            problems.append("--resume_from_checkpoint and --init_from exclude each other")
+        if problems:
+            raise UsageError("; ".join(problems) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(draccus.encode(self), default=str))
+
+
+def _flag_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return str(value)
+
+
+def kwargs_to_args(kwargs: dict[str, Any]) -> list[str]:
+    """`train(steps=5, policy={"type": "act", "dim_model": 64})` -> the equivalent flags.
+
+    Nested dicts flatten to dotted flags, so a keyword call goes through exactly the parser the CLI uses.
+    Dotted keys (`**{"policy.dim_model": 64}`) work too.
+    """
+    args = []
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            args += kwargs_to_args({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            args.append(f"--{key}={_flag_value(value)}")
+    return args
+
+
+def split_config_flag(args: list[str]) -> tuple[Path | None, list[str]]:
+    """Take `--config FILE` / `--config=FILE` out of args (draccus calls it --config_path)."""
+    rest, config = [], None
+    it = iter(args)
+    for arg in it:
+        if arg == "--config":
+            config = next(it, None)
+            if config is None:
+                raise UsageError("--config needs a file name.")
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if config is not None and not Path(config).is_file():
+        raise UsageError(f"Config file {config} does not exist (the shipped ones are under configs/).")
+    return (Path(config) if config else None), rest
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            # A different policy/optimizer type replaces the whole section instead of mixing fields.
+            if value.get("type", merged[key].get("type")) != merged[key].get("type"):
+                merged[key] = value
+            else:
+                merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _gives_policy_type(args: list[str], layers: dict) -> bool:
+    return any(a.startswith("--policy.type") for a in args) or "type" in (layers.get("policy") or {})
+
+
+def parse(args: list[str], base: dict | None = None) -> TrainConfig:
+    """Parse flags over an optional config file (from args) and an optional base dict (a checkpoint's config)."""
+    config_file, args = split_config_flag(args)
+    layers = dict(base or {})
+    if config_file is not None:
+        layers = _deep_merge(layers, yaml.safe_load(config_file.read_text()) or {})
+    if not _gives_policy_type(args, layers):
+        args = [f"--policy.type={DEFAULT_POLICY_TYPE}", *args]
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = [a for a in args if a.startswith("--") and a[2:].split("=", 1)[0].split(".", 1)[0] not in known]
+    if unknown:
+        raise UsageError(
+            f"Unknown option {unknown[0]}. Options are --{', --'.join(sorted(known))}, "
+            "--config FILE.yaml and --policy.<field> for any field of the chosen lerobot policy config."
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as merged:
+        yaml.safe_dump(layers, merged)
+        merged.flush()
+        cfg = _draccus_parse(args, Path(merged.name) if layers else None)
+    cfg.validate()
+    return cfg
+
+
+def _draccus_parse(args: list[str], config_path: Path | None) -> TrainConfig:
+    """Run draccus, turning its argparse usage dump or decoding traceback into one readable line."""
+    stderr = io.StringIO()
+    policies_logger = logging.getLogger("lerobot.configs.policies")
+    level = policies_logger.level
+    # The policy config warns about its (not yet chosen) device while parsing; the trainer picks the device.
+    policies_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return draccus.parse(TrainConfig, config_path=config_path, args=args)
+    except SystemExit as exit_:
+        lines = [line for line in stderr.getvalue().splitlines() if "error:" in line]
+        detail = lines[-1].split("error:", 1)[1].strip() if lines else f"exit status {exit_.code}"
+        raise UsageError(f"Invalid command line: {detail}. Run with --help for the options.") from None
+    except Exception as error:  # draccus decoding errors carry no common base class
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "type" in message and "policy" in message.lower():
+            known = ", ".join(sorted(PreTrainedConfig.get_known_choices()))
+            message += f" (known policy types: {known})"
+        raise UsageError(f"Invalid configuration: {message}.") from None
+    finally:
+        policies_logger.setLevel(level)
+
+
+def print_help() -> None:
+    """draccus's option list (every field, including the chosen policy's)."""
+    try:
+        draccus.parse(TrainConfig, args=["--help"])
+    except SystemExit:
+        pass

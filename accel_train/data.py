@@ -1,0 +1,194 @@
+"""Dataset loading and a data order that can be resumed exactly.
+
+lerobot-train resumes with the wrong order after the first epoch (Accelerate's prepared loader resets the
+sampler's epoch) and with augmentations that depend on when the loader was created. Here the order and every
+sample's augmentation are pure functions of (seed, epoch, position in the epoch), so the loader can be rebuilt
+at any optimizer step, with any number of workers, and yield the same samples with the same augmentation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.datasets.factory import resolve_delta_timestamps
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.datasets.sampler import EpisodeAwareSampler
+from lerobot.transforms import ImageTransforms, ImageTransformsConfig
+
+from accel_train.errors import TrainError
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def choose_video_backend(requested: str | None = None) -> str:
+    """torchcodec when its FFmpeg libraries load, else PyAV; decided once, up front.
+
+    lerobot would try torchcodec per file and print a long traceback before falling back.
+    """
+    if requested:
+        return requested
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except Exception as error:  # missing wheel, or the FFmpeg shared libraries do not load
+        log.info("Video decoding with PyAV (torchcodec unavailable: %s)", str(error).splitlines()[0])
+        return "pyav"
+    return "torchcodec"
+
+
+def load_dataset(
+    repo_id: str,
+    root: Path | None,
+    policy_cfg: PreTrainedConfig,
+    image_transforms: ImageTransformsConfig,
+    video_backend: str | None,
+) -> LeRobotDataset:
+    """Open the LeRobot dataset with the policy's frame offsets; a clear error when it cannot be had."""
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+
+    try:
+        meta = LeRobotDatasetMetadata(repo_id, root=root)
+        return LeRobotDataset(
+            repo_id,
+            root=root,
+            delta_timestamps=resolve_delta_timestamps(policy_cfg, meta),
+            image_transforms=ImageTransforms(image_transforms) if image_transforms.enable else None,
+            video_backend=choose_video_backend(video_backend),
+            return_uint8=True,
+        )
+    except Exception as error:
+        where = f"in {root}" if root else "locally or on the Hugging Face Hub"
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TrainError(
+            f"Could not load the dataset '{repo_id}' {where} ({type(error).__name__}: {cause}). "
+            "Without network access, pass --dataset_root DIR pointing at a local copy of a LeRobot dataset, "
+            "or train on the embedded demo: `python -m accel_train.demo_dataset --root data/piper_demo` and "
+            "`--dataset_id local/piper_demo --dataset_root data/piper_demo` (or use --config configs/demo.yaml)."
+        ) from None
+
+
+@dataclass
+class DataPosition:
+    """Where the global data stream stands: the epoch and how many of its samples were consumed."""
+
+    epoch: int = 0
+    sample: int = 0
+
+    def advanced(self, step_samples: int, epoch_samples: int) -> DataPosition:
+        """The position after one optimizer step; an epoch ends when a whole step no longer fits."""
+        sample = self.sample + step_samples
+        if sample + step_samples > epoch_samples:
+            return DataPosition(self.epoch + 1, 0)
+        return DataPosition(self.epoch, sample)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, dtype=np.uint32)[0])
+
+
+class ResumableBatchSampler:
+    """Endless micro-batches of (frame index, sample seed) for one rank, starting at a DataPosition.
+
+    Each optimizer step takes `batch_size * world_size * accumulation` consecutive positions of the epoch's
+    permutation: micro-batch m of rank r gets the slice (m * world_size + r) * batch_size. So batch B with
+    accumulation 2 sees the same samples as batch 2B, ranks never overlap, and a run resumed with another
+    number of processes continues at the same position without feeding seen samples again.
+    The permutation itself is lerobot's EpisodeAwareSampler (a function of seed and epoch).
+    """
+
+    def __init__(
+        self,
+        order: EpisodeAwareSampler,
+        batch_size: int,
+        accumulation: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start: DataPosition,
+    ):
+        self.order = order
+        self.batch_size, self.accumulation = batch_size, accumulation
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.start = seed, start
+        self.step_samples = batch_size * world_size * accumulation
+        if self.step_samples > len(order):
+            raise TrainError(
+                f"One optimizer step needs {self.step_samples} samples (batch {batch_size} x {world_size} "
+                f"processes x {accumulation} accumulation) but the dataset has only {len(order)} usable frames."
+            )
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        self.order.load_state_dict({"epoch": epoch, "start_index": 0})
+        return list(iter(self.order))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        position = self.start
+        while True:
+            order = self.epoch_order(position.epoch)
+            epoch = position.epoch
+            while position.epoch == epoch:
+                for micro in range(self.accumulation):
+                    first = position.sample + (micro * self.world_size + self.rank) * self.batch_size
+                    yield [(order[i], sample_seed(self.seed, epoch, i)) for i in range(first, first + self.batch_size)]
+                position = position.advanced(self.step_samples, len(order))
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Reads `dataset[index]` under the RNG state of its sample seed, leaving the caller's RNG untouched.
+
+    Image augmentation draws from torch's global RNG; seeding it per sample makes the augmentation the same
+    in a worker process or in the main one, before or after a resume.
+    """
+
+    def __init__(self, dataset: LeRobotDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def make_dataloader(
+    dataset: LeRobotDataset,
+    batch_sampler: ResumableBatchSampler,
+    num_workers: int,
+    pin_memory: bool,
+) -> torch.utils.data.DataLoader:
+    """One endless loader for the whole run: workers stay up across epochs and prefetch ahead."""
+    return torch.utils.data.DataLoader(
+        SeededSamples(dataset),
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def make_order(dataset: LeRobotDataset, policy_cfg: PreTrainedConfig, seed: int) -> EpisodeAwareSampler:
+    """lerobot's shuffled, episode-aware frame order (drops the frames the policy cannot use)."""
+    return EpisodeAwareSampler(
+        dataset.meta.episodes["dataset_from_index"],
+        dataset.meta.episodes["dataset_to_index"],
+        episode_indices_to_use=dataset.episodes,
+        drop_n_last_frames=getattr(policy_cfg, "drop_n_last_frames", 0),
+        shuffle=True,
+        seed=seed,
+        absolute_to_relative_idx=dataset.absolute_to_relative_idx,
+    )

@@ -158,7 +158,7 @@ def parse(args: list[str], base: dict | None = None) -> TrainConfig:
             "--config FILE.yaml and --policy.<field> for any field of the chosen lerobot policy config."
         )
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as merged:
-        yaml.safe_dump(layers, merged)
+        yaml.safe_dump(layers, merged, sort_keys=False)  # key order matters: it orders the camera tokens
         merged.flush()
         cfg = _draccus_parse(args, Path(merged.name) if layers else None)
     cfg.validate()

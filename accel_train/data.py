@@ -178,6 +178,8 @@ def make_dataloader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        # Its own generator: creating the loader then draws nothing from the global RNG.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
-from lerobot.datasets.utils import dataset_to_policy_features
 from lerobot.policies import PreTrainedPolicy, make_policy, make_pre_post_processors
 from lerobot.processor import PolicyProcessorPipeline
+from lerobot.utils.feature_utils import dataset_to_policy_features
 
 from accel_train.config import TrainConfig
 from accel_train.errors import TrainError

@@ -56,6 +56,7 @@ def run(args: list[str]) -> TrainerState:
 
     # 1. What are we continuing from? A checkpoint brings its own config; flags given now override it.
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temporary(output_dir)
     accelerator.wait_for_everyone()
     resume = ckpt.resolve(cfg.resume_from_checkpoint, output_dir) if cfg.resume_from_checkpoint else None
@@ -186,10 +187,11 @@ def train_step(
     accumulation = cfg.gradient_accumulation_steps
     total = torch.zeros((), device=accelerator.device)
     for micro in range(accumulation):
-        # Dropout and the VAE's noise draw from the global RNG: seeding it from the step makes them a pure
-        # function of (seed, step, rank), hence the same after a resume as in an uninterrupted run.
-        torch.manual_seed(step_seed(cfg.seed, step, micro, accelerator.process_index))
         batch = preprocessor(images_to_float(next(batches), accelerator.device))
+        # Dropout and the VAE's noise draw from the global RNG: seeding it from the step, after the data
+        # fetch (a fresh loader draws from it once), makes them a pure function of (seed, step, rank),
+        # hence the same after a resume as in an uninterrupted run.
+        torch.manual_seed(step_seed(cfg.seed, step, micro, accelerator.process_index))
         sync = micro == accumulation - 1
         with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
             loss, _ = policy(batch)
@@ -356,6 +358,8 @@ def setup_logging(is_main: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    # Accelerate logs every file of save_state at INFO; our own line per checkpoint says enough.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -85,12 +86,9 @@ class _Entry:
         """What the Hub sends as (X-Linked-)ETag and as preupload `oid`: sha256 for LFS, git id otherwise."""
         return self.sha256 if self.lfs else self.oid
 
-    def lfs_info(self) -> dict[str, Any]:
-        return {
-            "oid": self.sha256,
-            "size": self.size,
-            "pointerSize": len(_lfs_pointer(self.sha256, self.size)),
-        }
+    @property
+    def pointer_size(self) -> int:
+        return len(_lfs_pointer(self.sha256, self.size))
 
 
 @dataclass(frozen=True)
@@ -161,7 +159,10 @@ class _HubError(Exception):
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
 
     def reply(self) -> _Reply:
-        headers = {"X-Error-Message": self.message, **self.headers}
+        headers = {
+            "X-Error-Message": self.message.encode("ascii", "backslashreplace").decode(),
+            **self.headers,
+        }
         if self.code is not None:
             headers["X-Error-Code"] = self.code
         return _Reply.json({"error": self.message}, self.status, headers)
@@ -210,9 +211,8 @@ class _Api:
         self.base_url = ""
         self.lock = threading.RLock()
         self.repos: dict[tuple[str, str], _Repo] = {}
-        self.uploads: dict[
-            str, tuple[tuple[str, str], str, int]
-        ] = {}  # href nonce -> (repo key, sha256, size)
+        # LFS upload href nonce -> (repo key, sha256, size) announced in the batch request
+        self.uploads: dict[str, tuple[tuple[str, str], str, int]] = {}
         self.faults: list[_Fault] = []
         self.commit_delay = 0.0
         self.upload_delay = 0.0
@@ -325,11 +325,8 @@ class _Api:
                 if with_blobs:
                     sibling.update(size=entry.size, blobId=entry.oid)
                     if entry.lfs:
-                        sibling["lfs"] = {
-                            "size": entry.size,
-                            "sha256": entry.sha256,
-                            "pointerSize": entry.lfs_info()["pointerSize"],
-                        }
+                        lfs = {"size": entry.size, "sha256": entry.sha256, "pointerSize": entry.pointer_size}
+                        sibling["lfs"] = lfs
                 siblings.append(sibling)
             return _Reply.json(
                 {
@@ -377,28 +374,20 @@ class _Api:
             repo = self.repo(repo_type, repo_id)
             objects: list[dict[str, Any]] = []
             for obj in payload.get("objects", []):
-                oid, size = obj.get("oid"), obj.get("size")
-                if not (
-                    isinstance(oid, str) and _SHA256.fullmatch(oid) and isinstance(size, int) and size >= 0
-                ):
-                    error = {
-                        "code": 422,
-                        "message": "oid must be a sha256 hex digest and size a non-negative int",
-                    }
+                oid, size = str(obj.get("oid")), obj.get("size")
+                if not (_SHA256.fullmatch(oid) and isinstance(size, int) and size >= 0):
+                    error = {"code": 422, "message": "oid must be a sha256 hex digest, size an int >= 0"}
                     objects.append(
-                        {"oid": str(oid), "size": size if isinstance(size, int) else -1, "error": error}
+                        {"oid": oid, "size": size if isinstance(size, int) else -1, "error": error}
                     )
                 elif oid in repo.blobs and len(repo.blobs[oid]) == size:
-                    objects.append(
-                        {"oid": oid, "size": size}
-                    )  # already stored: no actions, client skips upload
+                    objects.append({"oid": oid, "size": size})  # stored already: no actions, no upload
                 else:
                     nonce = secrets.token_hex(16)
                     self.uploads[nonce] = ((repo_type, repo_id), oid, size)
                     upload = {"href": f"{self.base_url}/_lfs-upload/{nonce}", "expires_in": 3600}
-                    objects.append(
-                        {"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload}}
-                    )
+                    actions = {"upload": upload}
+                    objects.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
         return _Reply.json(
             {"transfer": "basic", "objects": objects},
             headers={"Content-Type": "application/vnd.git-lfs+json"},
@@ -475,11 +464,10 @@ class _Api:
                 touched = {path: _Entry.regular(staged[path])}
             elif key == "lfsFile":
                 oid = op["value"].get("oid", "")
-                if oid not in repo.blobs or op["value"].get("size", len(repo.blobs[oid])) != len(
-                    repo.blobs[oid]
-                ):
+                data = repo.blobs.get(oid)
+                if data is None or op["value"].get("size", len(data)) != len(data):
                     raise _HubError(400, f"LFS object {oid} for {path} was not uploaded")
-                touched = {path: _Entry.large(oid, len(repo.blobs[oid]))}
+                touched = {path: _Entry.large(oid, len(data))}
             elif key == "deletedFile":
                 if path not in tree:
                     raise _HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
@@ -528,7 +516,7 @@ class _Api:
                 "path": prefix + rel,
             }
             if entry.lfs:
-                item["lfs"] = entry.lfs_info()
+                item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": entry.pointer_size}
             listing.append(item)
         return _Reply.json(listing)
 
@@ -615,10 +603,8 @@ class _HTTPServer(ThreadingHTTPServer):
     def drop_connections(self) -> None:
         with self._sockets_lock:
             for sock in self._sockets:
-                try:
+                with contextlib.suppress(OSError):  # already closed by the peer
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # already closed by the peer
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Stay quiet about connections the client or `stop` closed; report anything else."""
@@ -701,9 +687,8 @@ class HubServer:
         self._port = self._httpd.server_address[1]
         self._api.base_url = self.url
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"hub-server-{self._port}"
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
         )
-        self._thread.daemon = True
         self._thread.start()
         return self
 
@@ -767,7 +752,7 @@ class HubServer:
             repo.blobs[entry.sha256] = bytes([data[0] ^ 0xFF]) + data[1:]
 
     def requests(self) -> list[tuple[str, str]]:
-        """Every (method, path) received so far, e.g. to assert how many LFS uploads or commits were made."""
+        """Every (method, path) received so far (path as sent: URL-quoted, no query), to count uploads etc."""
         with self._api.lock:
             return list(self._api.log)
 
@@ -790,10 +775,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":

@@ -148,6 +148,9 @@ def parse(args: list[str], base: dict | None = None) -> TrainConfig:
     layers = dict(base or {})
     if config_file is not None:
         layers = _deep_merge(layers, yaml.safe_load(config_file.read_text()) or {})
+    cli_type = next((a.split("=", 1)[1] for a in args if a.startswith("--policy.type=")), None)
+    if cli_type and (layers.get("policy") or {}).get("type", cli_type) != cli_type:
+        layers.pop("policy")  # another policy type on the command line replaces the section, fields and all
     if not _gives_policy_type(args, layers):
         args = [f"--policy.type={DEFAULT_POLICY_TYPE}", *args]
     known = {f.name for f in fields(TrainConfig)}

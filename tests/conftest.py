@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny demo dataset, a tiny ACT, and helpers to run the trainer as users do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing may touch the network: lerobot and huggingface_hub read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.setdefault("SVT_LOG", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "accel_train" / "train.py"
+# A tiny ACT (the demo's), trained on 2 episodes x 40 frames: 10 optimizer steps per epoch at batch 8.
+EPISODES = 2
+FRAMES = 40
+BATCH = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from accel_train import demo_dataset
+
+    return demo_dataset.create(tmp_path_factory.mktemp("data") / "piper_demo", episodes=EPISODES, seed=0)
+
+
+def base_args(dataset: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "demo.yaml"),
+        "--dataset_root", str(dataset),
+        "--demo_dataset=false",
+        "--output_dir", str(output_dir),
+        "--batch_size", str(BATCH),
+        "--log_freq", "1",
+        "--num_workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python accel_train/train.py ARGS` (or under another launcher) the way a user types it."""
+    command = [*(launcher or [sys.executable]), str(TRAIN), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())]

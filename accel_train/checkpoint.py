@@ -275,9 +275,7 @@ def load_optimizer_and_scheduler(checkpoint: Path, optimizer: torch.optim.Optimi
     try:
         optimizer.load_state_dict(load_tensors(checkpoint / OPTIMIZER_FILE))
     except (ValueError, KeyError) as error:
-        raise TrainError(
-            f"{checkpoint / OPTIMIZER_FILE} does not fit this policy's optimizer ({error})."
-        ) from None
+        raise TrainError(f"{checkpoint / OPTIMIZER_FILE} does not fit this policy's optimizer ({error}).") from None
     if scheduler is not None:
         if (checkpoint / SCHEDULER_FILE).is_file():
             scheduler.load_state_dict(load_tensors(checkpoint / SCHEDULER_FILE))

@@ -50,6 +50,8 @@ def run(args: list[str]) -> TrainerState:
         # The schedule advances once per optimizer step, whatever the number of processes (as lerobot-train).
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # Without a GPU, Accelerate sets up multi-process (gloo) training only when told it is on CPU.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
     setup_logging(accelerator.is_main_process)
     output_dir = cfg.output_dir
@@ -268,8 +270,12 @@ def reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, kee
     saved = ckpt.read_train_config(source)
     saved_policy = saved["policy"] if saved else ckpt.read_policy_config(source)
     if saved_policy is None:
-        log.warning("%s has no %s or %s: using the policy config of the command line.", source,
-                    ckpt.TRAIN_CONFIG_FILE, ckpt.POLICY_CONFIG_FILE)
+        log.warning(
+            "%s has no %s or %s: using the policy config of the command line.",
+            source,
+            ckpt.TRAIN_CONFIG_FILE,
+            ckpt.POLICY_CONFIG_FILE,
+        )
         return cfg
     explicit_type = any(a.startswith("--policy.type") for a in args) or cfg.policy.type != config_.DEFAULT_POLICY_TYPE
     if explicit_type and cfg.policy.type != saved_policy.get("type"):

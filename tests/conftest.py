@@ -51,3 +51,25 @@ def run_cli(args: list[str], launcher: list[str] | None = None, timeout: int = 3
 
 def losses(output_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-step run through the Python API, with a checkpoint at step 3."""
+    from accel_train.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    state = train(
+        config=str(REPO / "configs" / "demo.yaml"),
+        output_dir=str(out),
+        dataset_id="local/piper_demo",
+        dataset_root=str(tiny_dataset),
+        demo_dataset=False,
+        steps=3,
+        save_freq=3,
+        batch_size=8,
+        num_workers=0,
+        policy={"type": "act", "dim_model": 64},  # nested options work as keyword arguments too
+    )
+    assert state.step == 3
+    return out

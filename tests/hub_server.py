@@ -138,9 +138,7 @@ class _Repo:
         deleted: list[str],
     ) -> _Commit:
         parent = self.branches.get(branch)
-        seed = json.dumps(
-            [parent, branch, summary, sorted((p, e.oid) for p, e in tree.items()), len(self.commits)]
-        )
+        seed = json.dumps([parent, branch, summary, sorted((p, e.oid) for p, e in tree.items()), len(self.commits)])
         oid = hashlib.sha1(f"{seed}{time.time_ns()}".encode()).hexdigest()
         record = CommitRecord(oid, parent, branch, summary, description, tuple(added), tuple(deleted), _now())
         commit = _Commit(record, tree)
@@ -152,9 +150,7 @@ class _Repo:
 class _HubError(Exception):
     """An error answered like the Hub's: JSON body plus X-Error-Code/-Message, for typed client errors."""
 
-    def __init__(
-        self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
-    ):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(f"{status} {message}")
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
 
@@ -230,9 +226,7 @@ class _Api:
     def handle(self, req: _Request) -> _Reply:
         with self.lock:
             self.log.append((req.method, req.path))
-            fault = next(
-                (f for f in self.faults if f.match is None or f.match in f"{req.method} {req.path}"), None
-            )
+            fault = next((f for f in self.faults if f.match is None or f.match in f"{req.method} {req.path}"), None)
             if fault is not None:
                 fault.remaining -= 1
                 if fault.remaining == 0:
@@ -377,9 +371,7 @@ class _Api:
                 oid, size = str(obj.get("oid")), obj.get("size")
                 if not (_SHA256.fullmatch(oid) and isinstance(size, int) and size >= 0):
                     error = {"code": 422, "message": "oid must be a sha256 hex digest, size an int >= 0"}
-                    objects.append(
-                        {"oid": oid, "size": size if isinstance(size, int) else -1, "error": error}
-                    )
+                    objects.append({"oid": oid, "size": size if isinstance(size, int) else -1, "error": error})
                 elif oid in repo.blobs and len(repo.blobs[oid]) == size:
                     objects.append({"oid": oid, "size": size})  # stored already: no actions, no upload
                 else:
@@ -422,9 +414,7 @@ class _Api:
             raise _HubError(400, "The commit payload must start with a header line")
         header, operations = lines[0]["value"], lines[1:]
         staged = {
-            op["value"]["path"]: base64.b64decode(op["value"]["content"])
-            for op in operations
-            if op["key"] == "file"
+            op["value"]["path"]: base64.b64decode(op["value"]["content"]) for op in operations if op["key"] == "file"
         }
         with self.lock:
             self.repo(repo_type, repo_id)  # fail fast, before any delay
@@ -447,9 +437,7 @@ class _Api:
                 branch, header.get("summary", ""), header.get("description", ""), tree, added, deleted
             )
             oid = commit.record.id
-            return _Reply.json(
-                {"success": True, "commitOid": oid, "commitUrl": f"{self.repo_url(repo)}/commit/{oid}"}
-            )
+            return _Reply.json({"success": True, "commitOid": oid, "commitUrl": f"{self.repo_url(repo)}/commit/{oid}"})
 
     @staticmethod
     def _apply(
@@ -524,9 +512,7 @@ class _Api:
         with self.lock:
             branches = dict(self.repo(repo_type, repo_id).branches)
         refs: dict[str, Any] = {
-            "branches": [
-                {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in branches.items()
-            ],
+            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in branches.items()],
             "converts": [],
             "tags": [],
         }

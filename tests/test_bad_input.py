@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, base_args
+from conftest import base_args
 
-from accel_train.train import main, train
+from accel_train.train import main
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -21,26 +21,6 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-step run through the Python API, with a checkpoint at step 3."""
-    out = tmp_path_factory.mktemp("trained")
-    state = train(
-        config=str(REPO / "configs" / "demo.yaml"),
-        output_dir=str(out),
-        dataset_id="local/piper_demo",
-        dataset_root=str(tiny_dataset),
-        demo_dataset=False,
-        steps=3,
-        save_freq=3,
-        batch_size=8,
-        num_workers=0,
-        policy={"type": "act", "dim_model": 64},  # nested options work as keyword arguments too
-    )
-    assert state.step == 3
-    return out
 
 
 @pytest.fixture
@@ -64,7 +44,9 @@ def fails(capsys: pytest.CaptureFixture, args: list[str], *expected: str, code: 
 
 
 def resume_args(tiny_dataset: Path, checkpoint: Path, *extra: str) -> list[str]:
-    return base_args(tiny_dataset, checkpoint.parent, "--steps", "6", "--resume_from_checkpoint", str(checkpoint), *extra)
+    return base_args(
+        tiny_dataset, checkpoint.parent, "--steps", "6", "--resume_from_checkpoint", str(checkpoint), *extra
+    )
 
 
 def test_checkpoint_path_missing(capsys, tiny_dataset: Path, tmp_path: Path) -> None:

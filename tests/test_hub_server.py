@@ -62,9 +62,7 @@ def _push_checkpoint(api: HfApi) -> str:
 
 
 def _download(hub: HubServer, filename: str, cache: Path, revision: str | None = None) -> bytes:
-    path = hf_hub_download(
-        REPO, filename, revision=revision, cache_dir=cache, endpoint=hub.url, token=hub.token
-    )
+    path = hf_hub_download(REPO, filename, revision=revision, cache_dir=cache, endpoint=hub.url, token=hub.token)
     return Path(path).read_bytes()
 
 
@@ -118,9 +116,7 @@ def test_commit_upload_list_and_download(hub: HubServer, tmp_path: Path) -> None
     assert _download(hub, "config.json", tmp_path / "a") == CONFIG
     assert _download(hub, "ckpt/sub/big.dat", tmp_path / "a", revision=oid) == BIG
     snapshot = Path(
-        snapshot_download(
-            REPO, allow_patterns="ckpt/*", cache_dir=tmp_path / "b", endpoint=hub.url, token=hub.token
-        )
+        snapshot_download(REPO, allow_patterns="ckpt/*", cache_dir=tmp_path / "b", endpoint=hub.url, token=hub.token)
     )
     got = {p.relative_to(snapshot).as_posix(): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
     assert got == {"ckpt/model.safetensors": WEIGHTS, "ckpt/sub/big.dat": BIG}
@@ -156,9 +152,7 @@ def test_delete_folder_branches_and_old_revisions(hub: HubServer, tmp_path: Path
         _download(hub, "ckpt/model.safetensors", tmp_path, revision=second)
 
     with pytest.raises(HfHubHTTPError) as excinfo:  # stale parent: someone committed since
-        api.create_commit(
-            REPO, [CommitOperationAdd("x.txt", b"x")], commit_message="late", parent_commit=first
-        )
+        api.create_commit(REPO, [CommitOperationAdd("x.txt", b"x")], commit_message="late", parent_commit=first)
     assert excinfo.value.response.status_code == 412
 
     api.create_branch(REPO, branch="keep", revision=first)
@@ -228,9 +222,7 @@ def test_corrupt_keeps_size_and_advertised_hash(hub: HubServer, tmp_path: Path) 
     _push_checkpoint(api)
     hub.corrupt(REPO, "ckpt/model.safetensors")
     data = _download(hub, "ckpt/model.safetensors", tmp_path)
-    (entry,) = [
-        e for e in api.list_repo_tree(REPO, path_in_repo="ckpt") if e.path == "ckpt/model.safetensors"
-    ]
+    (entry,) = [e for e in api.list_repo_tree(REPO, path_in_repo="ckpt") if e.path == "ckpt/model.safetensors"]
     assert len(data) == len(WEIGHTS) and data != WEIGHTS
     assert hashlib.sha256(data).hexdigest() != entry.lfs.sha256 == hashlib.sha256(WEIGHTS).hexdigest()
 
@@ -240,17 +232,13 @@ def test_delay_makes_commits_slow(hub: HubServer) -> None:
     api.create_repo(REPO)
     hub.set_delay(0.4, upload=False)
     start = time.monotonic()
-    future = api.create_commit(
-        REPO, [CommitOperationAdd("a.txt", b"a")], commit_message="slow", run_as_future=True
-    )
+    future = api.create_commit(REPO, [CommitOperationAdd("a.txt", b"a")], commit_message="slow", run_as_future=True)
     time.sleep(0.1)
     assert not future.done() and len(hub.commits(REPO)) == 1  # not visible before the delay has passed
     assert future.result().oid == hub.commits(REPO)[-1].id
     assert time.monotonic() - start >= 0.4
 
-    future = api.create_commit(
-        REPO, [CommitOperationAdd("b.txt", b"b")], commit_message="cut off", run_as_future=True
-    )
+    future = api.create_commit(REPO, [CommitOperationAdd("b.txt", b"b")], commit_message="cut off", run_as_future=True)
     time.sleep(0.1)
     hub.stop()  # the server goes down mid-commit: the client sees an error and the commit never lands
     assert isinstance(future.exception(timeout=5), httpx.TransportError)
@@ -276,9 +264,7 @@ def test_lfs_upload_checks_sha256_and_size(hub: HubServer) -> None:
 def test_dataset_repos(hub: HubServer, tmp_path: Path) -> None:
     api = _api(hub)
     api.create_repo(REPO, repo_type="dataset")
-    api.create_commit(
-        REPO, [CommitOperationAdd("data/x.bin", b"\0\1")], commit_message="data", repo_type="dataset"
-    )
+    api.create_commit(REPO, [CommitOperationAdd("data/x.bin", b"\0\1")], commit_message="data", repo_type="dataset")
     path = hf_hub_download(
         REPO, "data/x.bin", repo_type="dataset", cache_dir=tmp_path, endpoint=hub.url, token=hub.token
     )

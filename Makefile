@@ -1,0 +1,29 @@
+# Two entry points that set themselves up on a machine with only python3.12 and make:
+#   make demo   train a small ACT on the embedded demo dataset (Ctrl-C, then `make demo` again resumes)
+#   make test   run the test suite
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= outputs/demo
+
+.PHONY: demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "python3.12 not found: install it or pass PYTHON=/path/to/python3.12"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) accel_train/train.py --config configs/demo.yaml --output_dir $(DEMO_OUT) --resume_from_checkpoint latest
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check accel_train tests
+	$(VENV)/bin/ruff format --check accel_train tests
+
+clean:
+	rm -rf $(VENV) outputs data .pytest_cache

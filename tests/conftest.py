@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-# Nothing may touch the network: lerobot and huggingface_hub read these at import time.
-os.environ["HF_HUB_OFFLINE"] = "1"
+# Nothing may reach the real Hub: huggingface_hub reads these at import time. Port 9 on the loopback refuses
+# connections at once; the Hub tests point HF_ENDPOINT at their own local server.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.setdefault("SVT_LOG", "1")
 

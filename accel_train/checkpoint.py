@@ -351,7 +351,7 @@ def export_final(
     postprocessor: PolicyProcessorPipeline,
     train_config: dict[str, Any],
     state: TrainerState,
-) -> None:
+) -> list[Path]:
     """The final model in OUT's root, under lerobot's names (from_pretrained, make_pre_post_processors) and
     the spec's (policy.safetensors, preprocessor_config.json, postprocessor_config.json).
 
@@ -366,8 +366,10 @@ def export_final(
         pipeline.save_pretrained(staging, config_filename=spec_name)
     (staging / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2))
     (staging / STATE_FILE).write_text(state.to_json())
-    for path in staging.iterdir():
+    written = []
+    for path in sorted(staging.iterdir()):
         _fsync(path)
-        path.replace(output_dir / path.name)
+        written.append(path.replace(output_dir / path.name))
     staging.rmdir()
     _fsync(output_dir)
+    return written

@@ -47,6 +47,15 @@ class TrainConfig:
     init_from: str | None = None
     # Allow a fresh run into an output_dir that already holds checkpoints (they are deleted).
     overwrite: bool = False
+    # Push every checkpoint to the Hub in the background (token from HF_TOKEN or the login cache).
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
+    hub_private: bool = False
+    hub_revision: str | None = None
+    # Keep only the newest K checkpoints in the Hub repo (older folders removed in a commit).
+    hub_keep_last: int | None = None
+    # Attempts after the first, with exponential backoff from 1 s, before an upload is given up.
+    hub_retries: int = 4
     steps: int = 100_000
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -74,6 +83,10 @@ class TrainConfig:
             problems.append("--num_workers must be 0 or more")
         if self.video_backend not in (None, "torchcodec", "pyav"):
             problems.append("--video_backend must be torchcodec or pyav")
+        if self.push_to_hub and not self.hub_repo_id:
+            problems.append("--push_to_hub needs --hub_repo_id USER/REPO")
+        if self.hub_keep_last is not None and self.hub_keep_last < 1:
+            problems.append("--hub_keep_last must be at least 1")
         if self.resume_from_checkpoint and self.init_from:
             problems.append("--resume_from_checkpoint and --init_from exclude each other")
         if problems:

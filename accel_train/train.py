@@ -23,15 +23,16 @@ if __package__ in (None, ""):  # `python accel_train/train.py`: make the package
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
 from accel_train import checkpoint as ckpt
 from accel_train import config as config_
-from accel_train import demo_dataset
+from accel_train import demo_dataset, hub
 from accel_train.checkpoint import Checkpointer, TrainerState
 from accel_train.config import TrainConfig
 from accel_train.data import DataPosition, ResumableBatchSampler, load_dataset, make_dataloader, make_order
 from accel_train.errors import TrainError
+from accel_train.hub import HubPusher
 from accel_train.metrics import METRICS_FILE, MetricsLogger
 from accel_train.model import build_optimizer, build_policy, build_processors, check_features
 
@@ -61,8 +62,8 @@ def run(args: list[str]) -> TrainerState:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temporary(output_dir)
     accelerator.wait_for_everyone()
-    resume = ckpt.resolve(cfg.resume_from_checkpoint, output_dir) if cfg.resume_from_checkpoint else None
-    source = resume or (ckpt.resolve(cfg.init_from, output_dir) if cfg.init_from else None)
+    resume = locate_checkpoint(cfg.resume_from_checkpoint, cfg, accelerator)
+    source = resume or locate_checkpoint(cfg.init_from, cfg, accelerator)
     if source is not None:
         cfg = reparse_over_checkpoint(args, cfg, source, keep_training_state=resume is not None)
     if resume is None:
@@ -123,6 +124,9 @@ def run(args: list[str]) -> TrainerState:
 
     train_config = cfg.to_dict()
     checkpointer = Checkpointer(accelerator, output_dir, preprocessor, postprocessor, train_config)
+    pusher = None
+    if cfg.push_to_hub and accelerator.is_main_process:
+        pusher = HubPusher(cfg.hub_repo_id, cfg.hub_revision, cfg.hub_private, cfg.hub_keep_last, cfg.hub_retries)
     summarize(cfg, accelerator, policy, dataset, sampler, resume or cfg.init_from, state)
 
     # 5. The loop. Each step: accumulate gradients over micro-batches, clip, step, then log and checkpoint.
@@ -161,18 +165,62 @@ def run(args: list[str]) -> TrainerState:
         if state.step % cfg.save_freq == 0 or state.step == cfg.steps:
             path = checkpointer.save(state)
             log.info("Saved %s", path)
+            if pusher is not None:
+                pusher.submit(path, state.step)
             window_start = time.perf_counter()  # the write is not training time
 
     # 6. The final model in OUT's root, for lerobot's own loading APIs.
     metrics.close()
     if accelerator.is_main_process:
-        ckpt.export_final(
+        final_files = ckpt.export_final(
             output_dir, accelerator.unwrap_model(policy), preprocessor, postprocessor, train_config, state
         )
         log.info("Training finished at step %d. Final model in %s", state.step, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if pusher is not None and pusher.finish(final_files).final_pushed is False:
+        raise TrainError(
+            f"Training finished and everything is saved in {output_dir}, but pushing the final model to "
+            f"{cfg.hub_repo_id} failed (see the warnings above). Push {output_dir} again once the Hub is reachable."
+        )
     return state
+
+
+def locate_checkpoint(spec: str | None, cfg: TrainConfig, accelerator: Accelerator) -> Path | None:
+    """The checkpoint folder to start from: found (and, from the Hub, downloaded) by the main process only.
+
+    The answer, or the error, is broadcast so that every rank stops or goes on together.
+    """
+    if not spec:
+        return None
+    answer: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [("path", find_checkpoint(spec, cfg))]
+        except TrainError as error:
+            answer = [("error", str(error))]
+    broadcast_object_list(answer)
+    kind, value = answer[0]
+    if kind == "error":
+        raise TrainError(value)
+    return value
+
+
+def find_checkpoint(spec: str, cfg: TrainConfig) -> Path | None:
+    if hub.is_hub_uri(spec):
+        return hub.fetch_checkpoint(spec, cfg.output_dir)
+    if spec != "latest":
+        return ckpt.resolve(spec, cfg.output_dir)
+    local = ckpt.find_latest(cfg.output_dir)
+    if cfg.hub_repo_id:  # the newest of this output dir and the Hub repo
+        remote = hub.latest_remote_step(cfg.hub_repo_id, cfg.hub_revision)
+        if remote is not None and (local is None or remote > ckpt.step_from_name(local)):
+            revision = f"@{cfg.hub_revision}" if cfg.hub_revision else ""
+            log.info("The Hub holds a newer checkpoint (step %d) than %s", remote, cfg.output_dir)
+            return hub.fetch_checkpoint(
+                f"{hub.URI_PREFIX}{cfg.hub_repo_id}/checkpoint-{remote}{revision}", cfg.output_dir
+            )
+    return local
 
 
 def train_step(

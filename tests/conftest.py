@@ -75,3 +75,25 @@ def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     )
     assert state.step == 3
     return out
+
+
+STRAIGHT_STEPS = 16
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def straight(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted reference run: 16 steps of the tiny ACT with image augmentation on."""
+    out = tmp_path_factory.mktemp("straight")
+    assert_ok(run_cli(base_args(tiny_dataset, out, "--steps", str(STRAIGHT_STEPS), "--image_transforms.enable=true")))
+    return out
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(a), load_file(b)
+    return ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)

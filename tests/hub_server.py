@@ -707,6 +707,11 @@ class HubServer:
         with self._api.lock:
             self._api.faults.append(_Fault(n, status, match))
 
+    def revoke_token(self) -> None:
+        """From now on the token is refused with 401, as when a user revokes it on the Hub mid-run."""
+        with self._api.lock:
+            self._api.token = f"revoked-{self._api.token}"
+
     def set_delay(self, seconds: float, *, commit: bool = True, upload: bool = True) -> None:
         """Make every commit and/or LFS upload take `seconds` longer: uploads slower than checkpointing."""
         with self._api.lock:

@@ -10,22 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_args, losses, run_cli
+from conftest import STRAIGHT_STEPS as N
+from conftest import assert_ok, base_args, losses, run_cli
 from safetensors.torch import load_file
 
-K, N = 13, 16
+K = 13
 AUGMENT = ["--image_transforms.enable=true", "--save_freq", str(K)]
-
-
-def assert_ok(result) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def straight(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("straight")
-    assert_ok(run_cli(base_args(tiny_dataset, out, "--steps", str(N), *AUGMENT)))
-    return out
 
 
 @pytest.mark.parametrize("workers", [0, 2])

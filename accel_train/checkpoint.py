@@ -29,6 +29,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import safetensors
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from lerobot.policies import PreTrainedPolicy
 from lerobot.processor import PolicyProcessorPipeline
 from safetensors.torch import load_model, save_model
@@ -299,19 +301,24 @@ class Checkpointer:
         self.preprocessor, self.postprocessor = preprocessor, postprocessor
         self.train_config = train_config
         self._state: TrainerState | None = None
+        self._error: OSError | None = None
         accelerator.register_save_state_pre_hook(self._save_hook)
 
     def _save_hook(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
         """Write the policy and processors ourselves, in lerobot's formats, instead of Accelerate's model file.
 
         Runs on every rank. Popping the weights stops Accelerate from writing its own model.safetensors (under
-        DDP with `module.` prefixes); under FSDP the list is empty (issue of a full-state gather, not handled).
+        DDP with `module.` prefixes); under FSDP the list is empty.
         """
         weights.clear()
         if not self.accelerator.is_main_process:
             return
-        folder = Path(output_dir)
-        policy = self.accelerator.unwrap_model(models[0])
+        try:
+            self._write_policy_files(Path(output_dir), self.accelerator.unwrap_model(models[0]))
+        except OSError as error:  # reported by save() after the barrier, so that no rank is left waiting
+            self._error = error
+
+    def _write_policy_files(self, folder: Path, policy: PreTrainedPolicy) -> None:
         save_model(policy, str(folder / POLICY_FILE))
         policy.config._save_pretrained(folder)
         self.preprocessor.save_pretrained(folder, config_filename=PREPROCESSOR_FILE)
@@ -320,28 +327,60 @@ class Checkpointer:
         (folder / STATE_FILE).write_text(self._state.to_json())
 
     def save(self, state: TrainerState) -> Path:
-        """Write checkpoint-<step> atomically; every rank must call it (save_state and barriers are collective)."""
+        """Write checkpoint-<step> atomically; every rank must call it (save_state and barriers are collective).
+
+        A failed write (disk full, I/O error) on any rank stops every rank with one clear error, removes the
+        partial folder and leaves the previous checkpoint as it was.
+        """
         final = self.output_dir / f"checkpoint-{state.step}"
         tmp = self.output_dir / f"{TMP_PREFIX}{state.step}"
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self._state = state
-        self.accelerator.save_state(str(tmp))
+        self._state, self._error = state, None
+        try:
+            self.accelerator.save_state(str(tmp))
+        except OSError as error:  # Accelerate's own files (optimizer, scheduler, RNG) failed to write
+            self._error = error
         self.accelerator.wait_for_everyone()  # save_state has no barrier of its own: all ranks' files are in
-        if self.accelerator.is_main_process:
-            for theirs, ours in ACCELERATE_FILES.items():
-                if (tmp / theirs).exists():
-                    (tmp / theirs).rename(tmp / ours)
-            for rng_file in tmp.glob("random_states_*.pkl"):
-                rng_file.unlink()
-            write_manifest(tmp)
-            if final.exists():  # a corrupt or abandoned checkpoint of the same step: replaced only now
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync(self.output_dir)
-        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process and self._error is None:
+            try:
+                self._finalize(tmp, final)
+            except OSError as error:
+                self._error = error
+        errors = [e for e in gather_object([str(self._error) if self._error else None]) if e]
+        if errors:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = [p.name for step, p in list_checkpoints(self.output_dir) if step < state.step]
+            raise TrainError(
+                f"Writing checkpoint-{state.step} failed ({errors[0]}); training stops here. "
+                + (f"The previous checkpoint, {previous[-1]}, is intact: " if previous else "")
+                + "fix the cause (e.g. free disk space) and rerun with --resume_from_checkpoint latest."
+            )
         return final
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        """Accelerate's files under our names, the manifest last, then the rename that publishes the folder."""
+        for theirs, ours in ACCELERATE_FILES.items():
+            if (tmp / theirs).exists():
+                (tmp / theirs).rename(tmp / ours)
+        for rng_file in tmp.glob("random_states_*.pkl"):
+            rng_file.unlink()
+        write_manifest(tmp)
+        if final.exists():  # a corrupt or abandoned checkpoint of the same step: replaced only now
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync(self.output_dir)
+
+    def prune(self, keep: int, protected: Callable[[Path], bool]) -> None:
+        """--save_total_limit: delete all but the newest `keep` checkpoints, sparing the protected ones
+        (the one resumed from, one still uploading)."""
+        for _, path in list_checkpoints(self.output_dir)[:-keep]:
+            if protected(path):
+                log.info("Keeping %s beyond --save_total_limit: it is being uploaded or was resumed from", path.name)
+            else:
+                shutil.rmtree(path)
 
 
 def export_final(

@@ -61,6 +61,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     save_freq: int = 5_000
     log_freq: int = 100
+    # Keep only the newest K complete checkpoints locally (never one still uploading or the one resumed from).
+    save_total_limit: int | None = None
     seed: int = 1000
     num_workers: int = 4
     mixed_precision: str = "no"
@@ -85,6 +87,8 @@ class TrainConfig:
             problems.append("--video_backend must be torchcodec or pyav")
         if self.push_to_hub and not self.hub_repo_id:
             problems.append("--push_to_hub needs --hub_repo_id USER/REPO")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            problems.append("--save_total_limit must be at least 1")
         if self.hub_keep_last is not None and self.hub_keep_last < 1:
             problems.append("--hub_keep_last must be at least 1")
         if self.resume_from_checkpoint and self.init_from:

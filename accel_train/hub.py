@@ -98,6 +98,11 @@ class HubPusher:
             self._pending = (folder, step)
             self._cond.notify()
 
+    @property
+    def busy(self) -> bool:
+        """Whether an upload is running now (recorded in metrics.jsonl, to measure its cost on training)."""
+        return self._busy is not None
+
     def is_uploading(self, folder: Path) -> bool:
         with self._cond:
             return folder in (self._busy, self._pending[0] if self._pending else None)

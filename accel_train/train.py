@@ -157,6 +157,7 @@ def run(args: list[str]) -> TrainerState:
                     "epoch": state.data.epoch,
                     "samples_seen": state.samples_seen,
                     "time": time.time(),
+                    **({"hub_upload_active": pusher.busy} if pusher is not None else {}),
                 }
             )
             window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
@@ -167,6 +168,8 @@ def run(args: list[str]) -> TrainerState:
             log.info("Saved %s", path)
             if pusher is not None:
                 pusher.submit(path, state.step)
+            if cfg.save_total_limit and accelerator.is_main_process:
+                checkpointer.prune(cfg.save_total_limit, lambda p: p == resume or (pusher and pusher.is_uploading(p)))
             window_start = time.perf_counter()  # the write is not training time
 
     # 6. The final model in OUT's root, for lerobot's own loading APIs.

@@ -56,6 +56,8 @@ class TrainConfig:
     hub_keep_last: int | None = None
     # Attempts after the first, with exponential backoff from 1 s, before an upload is given up.
     hub_retries: int = 4
+    # On SIGTERM/SIGUSR1: how long to wait for the last checkpoint's upload before exiting.
+    preemption_push_timeout_s: float = 60.0
     steps: int = 100_000
     batch_size: int = 8
     gradient_accumulation_steps: int = 1

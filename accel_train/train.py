@@ -31,10 +31,11 @@ from accel_train import demo_dataset, hub
 from accel_train.checkpoint import Checkpointer, TrainerState
 from accel_train.config import TrainConfig
 from accel_train.data import DataPosition, ResumableBatchSampler, load_dataset, make_dataloader, make_order
-from accel_train.errors import TrainError
+from accel_train.errors import Preempted, TrainError
 from accel_train.hub import HubPusher
 from accel_train.metrics import METRICS_FILE, MetricsLogger
 from accel_train.model import build_optimizer, build_policy, build_processors, check_features
+from accel_train.preemption import PreemptionWatch
 
 log = logging.getLogger("accel_train")
 
@@ -133,44 +134,52 @@ def run(args: list[str]) -> TrainerState:
     metrics = MetricsLogger(output_dir, state.step, cfg.steps, accelerator.is_main_process)
     window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
     window_start = time.perf_counter()
-    policy.train()
-    while state.step < cfg.steps:
-        loss, grad_norm = train_step(cfg, accelerator, policy, optimizer, scheduler, preprocessor, batches, state.step)
-        state.step += 1
-        state.samples_seen += sampler.step_samples
-        state.data = state.data.advanced(sampler.step_samples, len(order))
-        window_loss += loss
-        window_steps += 1
-        metrics.step()
-
-        if state.step % cfg.log_freq == 0 or state.step == cfg.steps:
-            # The only host synchronisation of the loop: every other step runs ahead asynchronously.
-            mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
-            elapsed = time.perf_counter() - window_start
-            metrics.record(
-                {
-                    "step": state.step,
-                    "loss": mean_loss,
-                    "grad_norm": grad_norm.item(),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": window_steps * sampler.step_samples / elapsed,
-                    "epoch": state.data.epoch,
-                    "samples_seen": state.samples_seen,
-                    "time": time.time(),
-                    **({"hub_upload_active": pusher.busy} if pusher is not None else {}),
-                }
+    with PreemptionWatch(accelerator) as preemption:
+        policy.train()
+        while state.step < cfg.steps:
+            loss, grad_norm = train_step(
+                cfg, accelerator, policy, optimizer, scheduler, preprocessor, batches, state.step
             )
-            window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
-            window_start = time.perf_counter()
+            state.step += 1
+            state.samples_seen += sampler.step_samples
+            state.data = state.data.advanced(sampler.step_samples, len(order))
+            window_loss += loss
+            window_steps += 1
+            metrics.step()
 
-        if state.step % cfg.save_freq == 0 or state.step == cfg.steps:
-            path = checkpointer.save(state)
-            log.info("Saved %s", path)
-            if pusher is not None:
-                pusher.submit(path, state.step)
-            if cfg.save_total_limit and accelerator.is_main_process:
-                checkpointer.prune(cfg.save_total_limit, lambda p: p == resume or (pusher and pusher.is_uploading(p)))
-            window_start = time.perf_counter()  # the write is not training time
+            if state.step % cfg.log_freq == 0 or state.step == cfg.steps:
+                # The only host synchronisation of the loop: every other step runs ahead asynchronously.
+                mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
+                elapsed = time.perf_counter() - window_start
+                metrics.record(
+                    {
+                        "step": state.step,
+                        "loss": mean_loss,
+                        "grad_norm": grad_norm.item(),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "samples_per_s": window_steps * sampler.step_samples / elapsed,
+                        "epoch": state.data.epoch,
+                        "samples_seen": state.samples_seen,
+                        "time": time.time(),
+                        **({"hub_upload_active": pusher.busy} if pusher is not None else {}),
+                    }
+                )
+                window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
+                window_start = time.perf_counter()
+
+            if state.step % cfg.save_freq == 0 or state.step == cfg.steps:
+                path = checkpointer.save(state)
+                log.info("Saved %s", path)
+                if pusher is not None:
+                    pusher.submit(path, state.step)
+                if cfg.save_total_limit and accelerator.is_main_process:
+                    checkpointer.prune(
+                        cfg.save_total_limit, lambda p: p == resume or (pusher and pusher.is_uploading(p))
+                    )
+                window_start = time.perf_counter()  # the write is not training time
+
+            if state.step < cfg.steps and preemption.should_stop():
+                stop_for_preemption(cfg, checkpointer, state, pusher, preemption, metrics)
 
     # 6. The final model in OUT's root, for lerobot's own loading APIs.
     metrics.close()
@@ -187,6 +196,28 @@ def run(args: list[str]) -> TrainerState:
             f"{cfg.hub_repo_id} failed (see the warnings above). Push {output_dir} again once the Hub is reachable."
         )
     return state
+
+
+def stop_for_preemption(
+    cfg: TrainConfig,
+    checkpointer: Checkpointer,
+    state: TrainerState,
+    pusher: HubPusher | None,
+    preemption: PreemptionWatch,
+    metrics: MetricsLogger,
+) -> None:
+    """Checkpoint the step just finished (all ranks agree on it), push it within a bounded wait, exit 75."""
+    metrics.close()
+    path = cfg.output_dir / f"checkpoint-{state.step}"
+    if not path.is_dir():
+        path = checkpointer.save(state)
+    if pusher is not None:
+        pusher.submit(path, state.step)
+        pusher.finish([], timeout_s=cfg.preemption_push_timeout_s)
+    raise Preempted(
+        f"Stopped by {preemption.signal_name} after step {state.step}; {path} is complete. Run the same command "
+        "with --resume_from_checkpoint latest to continue (launch/*.slurm requeue on this exit status, 75)."
+    )
 
 
 def locate_checkpoint(spec: str | None, cfg: TrainConfig, accelerator: Accelerator) -> Path | None:

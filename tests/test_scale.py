@@ -1,0 +1,98 @@
+"""Scaling features on CPU: preemption signals, gradient accumulation, bf16, 2-process exactness."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, STRAIGHT_STEPS, TRAIN, assert_ok, base_args, losses, run_cli, same_weights
+from safetensors.torch import load_file
+
+from accel_train import checkpoint as ckpt
+from accel_train.train import main
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_the_rerun_finishes_identically(
+    sig: signal.Signals, straight: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = base_args(tiny_dataset, out, "--steps", str(STRAIGHT_STEPS), "--image_transforms.enable=true",
+                     "--save_freq", "100", "--resume_from_checkpoint", "latest")  # fmt: skip
+    run = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert run.poll() is None
+        time.sleep(0.05)
+    run.send_signal(sig)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 75, stderr[-3000:]
+    stopped = [p for _, p in ckpt.list_checkpoints(out)]
+    assert len(stopped) == 1 and ckpt.verify(stopped[0]) is None  # the step it was in, not a save_freq multiple
+    assert f"Stopped by {sig.name} after step {ckpt.step_from_name(stopped[0])}" in stderr.strip().splitlines()[-1]
+
+    again = run_cli(args)  # the requeued job: the very same command
+    assert_ok(again)
+    assert f"Resumed from {stopped[0]}" in again.stderr
+    assert same_weights(out / "model.safetensors", straight / "model.safetensors")
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Batch 4 x 2 micro-batches sees the same samples as batch 8, and its loss and update agree to float
+    tolerance. Dropout and the VAE are off (their noise is drawn per micro-batch); chunks of one action, because
+    ACT averages its loss over the non-padded actions of a batch, so micro-batches with different padding weigh
+    differently (as ranks do under DDP); SGD, because Adam's first steps turn float-rounding differences of
+    near-zero gradients into full +-lr updates."""
+    quiet = ["--steps", "3", "--save_freq", "3", "--policy.dropout=0", "--policy.use_vae=false",
+             "--policy.chunk_size=1", "--policy.n_action_steps=1",
+             "--optimizer.type=sgd", "--optimizer.lr=0.01"]  # fmt: skip
+    big, small = tmp_path / "big", tmp_path / "small"
+    assert main(base_args(tiny_dataset, big, *quiet, "--batch_size", "8")) == 0
+    assert main(base_args(tiny_dataset, small, *quiet, "--batch_size", "4", "--gradient_accumulation_steps", "2")) == 0
+    for (_, a), (_, b) in zip(losses(big), losses(small), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    a, b = load_file(big / "model.safetensors"), load_file(small / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    state = json.loads((small / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["samples_seen"] == 24 and state["gradient_accumulation_steps"] == 2
+
+
+def test_bf16_trains_on_cpu(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"  # in a process of its own: Accelerate keeps one precision per process
+    assert_ok(run_cli(base_args(tiny_dataset, out, "--steps", "2", "--save_freq", "2", "--mixed_precision", "bf16")))
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(out))
+    assert load_file(out / "policy.safetensors")["model.action_head.weight"].dtype == torch.float32  # fp32 master
+
+
+def test_two_processes_resume_exactly(tiny_dataset: Path, tmp_path: Path) -> None:
+    """torchrun with 2 processes (gloo): 8 steps straight == 5 steps + resume to 8, bit for bit."""
+    common = ["--batch_size", "4", "--save_freq", "5", "--num_workers", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(run_cli(base_args(tiny_dataset, straight, "--steps", "8", *common), TORCHRUN))
+    assert_ok(run_cli(base_args(tiny_dataset, resumed, "--steps", "5", *common), TORCHRUN))
+    second = run_cli(base_args(tiny_dataset, resumed, "--steps", "8", *common, "--resume_from_checkpoint", "latest"),
+                     TORCHRUN)  # fmt: skip
+    assert_ok(second)
+    assert "at step 5 (epoch 0, sample 40)" in second.stderr
+    assert losses(resumed) == losses(straight)
+    assert same_weights(resumed / "model.safetensors", straight / "model.safetensors")
+
+
+def test_resume_with_another_number_of_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    """2 processes -> 1: same step and samples seen, the epoch's seen samples are not fed again, and a warning."""
+    out = tmp_path / "out"
+    assert_ok(run_cli(base_args(tiny_dataset, out, "--steps", "3", "--batch_size", "4", "--save_freq", "3"), TORCHRUN))
+    again = run_cli(base_args(tiny_dataset, out, "--steps", "5", "--batch_size", "4", "--resume_from_checkpoint",
+                              "latest"))  # fmt: skip
+    assert_ok(again)
+    assert "num_processes (2 -> 1)" in again.stderr and "no longer bit-identical" in again.stderr
+    assert "at step 3 (epoch 0, sample 24)" in again.stderr
+    state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["samples_seen"] == 3 * 8 + 2 * 4 and state["data"] == {"epoch": 0, "sample": 32}

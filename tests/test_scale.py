@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -96,3 +97,81 @@ def test_resume_with_another_number_of_processes(tiny_dataset: Path, tmp_path: P
     assert "at step 3 (epoch 0, sample 24)" in again.stderr
     state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["samples_seen"] == 3 * 8 + 2 * 4 and state["data"] == {"epoch": 0, "sample": 32}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_train_together_and_checkpoint_once(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Multi-node, simulated on one machine: two torchrun "nodes" of one process each, one rendezvous."""
+    out, port = tmp_path / "out", free_port()
+    args = base_args(tiny_dataset, out, "--steps", "4", "--save_freq", "2", "--batch_size", "4")
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                str(TRAIN),
+                *args,
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert "2 processes" in errors[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["samples_seen"] == 4 * 4 * 2
+    assert ckpt.verify(out / "checkpoint-4") is None and not list(out.glob(".tmp-*"))
+
+
+def test_slurm_script_requeues_on_the_warning_signal(tiny_dataset: Path, tmp_path: Path) -> None:
+    """launch/slurm_single_node.sbatch with 2 CPU processes: SIGUSR1 (SLURM's warning) -> checkpoint of the step
+    in flight -> requeue; the requeued job (the same script) resumes from that checkpoint and finishes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "requeued"
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {requeued}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+           "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_ID": "4242"}  # fmt: skip
+    out = tmp_path / "out"
+    script = [str(REPO / "launch" / "slurm_single_node.sbatch"), str(out),
+              *base_args(tiny_dataset, out, "--steps", str(STRAIGHT_STEPS), "--save_freq", "100")]  # fmt: skip
+    job = subprocess.Popen(["bash", *script], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)  # fmt: skip
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    log, _ = job.communicate(timeout=300)
+    assert requeued.read_text().split() == ["requeue", "4242"], log[-3000:]
+    assert "Preempted after a checkpoint: requeueing job 4242" in log
+    (stopped,) = [p for _, p in ckpt.list_checkpoints(out)]
+    assert ckpt.verify(stopped) is None
+
+    again = subprocess.run(["bash", *script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert requeued.read_text().count("requeue") == 1
+    assert f"Resumed from {stopped}" in again.stdout + again.stderr

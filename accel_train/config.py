@@ -87,6 +87,8 @@ class TrainConfig:
             problems.append("--num_workers must be 0 or more")
         if self.video_backend not in (None, "torchcodec", "pyav"):
             problems.append("--video_backend must be torchcodec or pyav")
+        if self.demo_dataset and self.dataset_root is None:
+            problems.append("--demo_dataset needs --dataset_root, the folder to create the demo dataset in")
         if self.push_to_hub and not self.hub_repo_id:
             problems.append("--push_to_hub needs --hub_repo_id USER/REPO")
         if self.save_total_limit is not None and self.save_total_limit < 1:

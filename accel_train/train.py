@@ -83,12 +83,11 @@ def run(args: list[str]) -> TrainerState:
     # 2. Data. Model init is seeded so that two fresh runs start from the same weights.
     set_seed(cfg.seed)
     if cfg.demo_dataset and accelerator.is_main_process:
-        if cfg.dataset_root is None:
-            raise TrainError("demo_dataset needs --dataset_root: the folder to create the demo dataset in.")
         demo_dataset.ensure(cfg.dataset_root)
     accelerator.wait_for_everyone()
     cfg.policy.device = accelerator.device.type
     dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
+    order = make_order(dataset, cfg.policy, cfg.seed)
 
     # 3. Policy, processors, optimizer: fresh, or from the checkpoint.
     policy = build_policy(cfg, dataset)
@@ -99,7 +98,7 @@ def run(args: list[str]) -> TrainerState:
     optimizer, scheduler = build_optimizer(cfg, policy)
     if resume is not None:
         ckpt.load_optimizer_and_scheduler(resume, optimizer, scheduler)
-    state = continue_state(cfg, accelerator, start_step, start_state)
+    state = continue_state(cfg, accelerator, start_step, start_state, len(order))
 
     # 4. Hand the model and optimizer to Accelerate (DDP, mixed precision); the data loader stays ours.
     if scheduler is not None:
@@ -108,7 +107,6 @@ def run(args: list[str]) -> TrainerState:
         policy, optimizer = accelerator.prepare(policy, optimizer)
     if resume is not None and accelerator.scaler is not None and (resume / ckpt.SCALER_FILE).is_file():
         accelerator.scaler.load_state_dict(ckpt.load_tensors(resume / ckpt.SCALER_FILE))
-    order = make_order(dataset, cfg.policy, cfg.seed)
     sampler = ResumableBatchSampler(
         order,
         cfg.batch_size,
@@ -118,9 +116,6 @@ def run(args: list[str]) -> TrainerState:
         cfg.seed,
         start=state.data,
     )
-    if start_state is None and resume is not None:  # a checkpoint without trainer_state.json: replay the arithmetic
-        state.data = position_after(start_step, sampler.step_samples, len(order))
-        sampler.start = state.data
     batches = iter(make_dataloader(dataset, sampler, cfg.num_workers, pin_memory=accelerator.device.type == "cuda"))
 
     train_config = cfg.to_dict()
@@ -316,13 +311,18 @@ def position_after(steps: int, step_samples: int, epoch_samples: int) -> DataPos
 
 
 def continue_state(
-    cfg: TrainConfig, accelerator: Accelerator, start_step: int, saved: TrainerState | None
+    cfg: TrainConfig, accelerator: Accelerator, start_step: int, saved: TrainerState | None, epoch_samples: int
 ) -> TrainerState:
-    """The state this run starts from; a resume with another world size or batch continues at the same sample."""
+    """The state this run starts from; a resume with another world size or batch continues at the same sample.
+
+    A checkpoint without trainer_state.json (another tool's, in the spec's four-file format) continues at the
+    data position that `start_step` steps of this run's batch would reach.
+    """
+    step_samples = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     state = TrainerState(
         step=start_step,
-        data=saved.data if saved else DataPosition(),
-        samples_seen=saved.samples_seen if saved else 0,
+        data=saved.data if saved else position_after(start_step, step_samples, epoch_samples),
+        samples_seen=saved.samples_seen if saved else start_step * step_samples,
         seed=cfg.seed,
         num_processes=accelerator.num_processes,
         batch_size=cfg.batch_size,

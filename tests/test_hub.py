@@ -144,7 +144,8 @@ def test_uploads_slower_than_checkpoints(hub: HubServer, tiny_dataset: Path, tmp
     hub.set_delay(2.0, upload=False)
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(TRAIN), *push_args(tiny_dataset, out, "--save_freq", "1", "--hub_keep_last", "2")],
+        [sys.executable, str(TRAIN), *push_args(tiny_dataset, out, "--save_freq", "1", "--hub_keep_last", "2",
+                                                "--save_total_limit", "2")],
         cwd=REPO, env=machine_env(hub, tmp_path / "home"), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert_ok(result)
@@ -157,7 +158,11 @@ def test_uploads_slower_than_checkpoints(hub: HubServer, tiny_dataset: Path, tmp
     assert remote["latest"] == f"checkpoint-{STRAIGHT_STEPS}" and len(remote["checkpoints"]) == 2
     folders = {p.split("/")[0] for p in hub.files(REPO_ID) if p.startswith("checkpoint-")}
     assert folders == set(remote["checkpoints"])  # --hub_keep_last 2 removed the older folders
-    assert all(ckpt.verify(out / f"checkpoint-{s}") is None for s in range(1, STRAIGHT_STEPS + 1))
+    # --save_total_limit 2 pruned the local ones, but never one still uploading: no upload lost its files.
+    assert "failed none" in summary
+    local = [step for step, _ in ckpt.list_checkpoints(out)]
+    assert local[-2:] == [STRAIGHT_STEPS - 1, STRAIGHT_STEPS] and len(local) <= 3
+    assert "it is being uploaded" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +228,21 @@ def test_invalid_token(pushed: HubServer, capsys, monkeypatch, tiny_dataset: Pat
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     code, err = resume_from(capsys, tiny_dataset, tmp_path / "out", f"hf://{REPO_ID}")
     assert code == 1 and "refused the token" in err and "hf_wrong" not in err
+
+
+def test_remote_file_names_cannot_escape_the_checkpoint_folder(
+    pushed: HubServer, capsys, tiny_dataset: Path, tmp_path: Path
+):
+    """A crafted checkpoints.json naming ../../ paths: refused before anything is written outside the folder."""
+    api = huggingface_hub.HfApi(endpoint=pushed.url, token=pushed.token)
+    evil = {"latest": "checkpoint-7", "checkpoints": {"checkpoint-7": {"step": 7, "files": {
+        "../../escaped.txt": {"size": 1, "sha256": "0" * 64}}}}}  # fmt: skip
+    api.create_branch(REPO_ID, branch="evil")
+    api.upload_file(path_or_fileobj=json.dumps(evil).encode(), path_in_repo="checkpoints.json", repo_id=REPO_ID,
+                    revision="evil")  # fmt: skip
+    code, err = resume_from(capsys, tiny_dataset, tmp_path / "a" / "out", f"hf://{REPO_ID}@evil")
+    assert code == 1 and "'../../escaped.txt', which is not a plain relative path; refused" in err
+    assert not list(tmp_path.rglob("escaped.txt"))
 
 
 def test_corrupted_remote_file_is_never_trained_from(pushed: HubServer, capsys, tiny_dataset: Path, tmp_path: Path):

@@ -118,3 +118,16 @@ def test_launchers(launcher: list[str], tiny_dataset: Path, tmp_path: Path) -> N
     assert state["num_processes"] == processes and state["samples_seen"] == 2 * 4 * processes
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert ckpt.verify(out / "checkpoint-2") is None
+
+
+def test_resume_from_a_four_file_checkpoint_of_the_spec(trained: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """A checkpoint holding only the spec's files (another tool's): policy config from the command line, step
+    from the folder's name, data position from the step."""
+    folder = tmp_path / "out" / "checkpoint-3"
+    folder.mkdir(parents=True)
+    for path in (trained / "checkpoint-3").iterdir():
+        if path.name in SPEC_FILES or path.name.startswith("policy_"):
+            shutil.copy(path, folder / path.name)
+    assert main(base_args(tiny_dataset, folder.parent, "--steps", "4", "--resume_from_checkpoint", str(folder))) == 0
+    state = json.loads((folder.parent / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["data"] == {"epoch": 0, "sample": 32} and state["samples_seen"] == 32

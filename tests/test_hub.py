@@ -61,6 +61,13 @@ def wait_for(condition, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def start_and_wait_for_a_push(hub: HubServer, args: list[str], tmp_path: Path) -> subprocess.Popen:
+    """Start a pushing run; return once its first checkpoint is complete on the Hub (or the run ended)."""
+    run = start(args, machine_env(hub, tmp_path / "home-a"))
+    wait_for(lambda: (pointer(hub) or {}).get("latest") is not None or run.poll() is not None)
+    return run
+
+
 def push_args(dataset: Path, out: Path, *extra: str) -> list[str]:
     return base_args(
         dataset, out, "--steps", str(STRAIGHT_STEPS), "--image_transforms.enable=true",
@@ -71,8 +78,7 @@ def push_args(dataset: Path, out: Path, *extra: str) -> list[str]:
 def test_killed_run_resumes_from_the_hub_on_another_machine(
     hub: HubServer, straight: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    first = start(push_args(tiny_dataset, tmp_path / "a", "--save_freq", "4"), machine_env(hub, tmp_path / "home-a"))
-    wait_for(lambda: (pointer(hub) or {}).get("latest") is not None or first.poll() is not None)
+    first = start_and_wait_for_a_push(hub, push_args(tiny_dataset, tmp_path / "a", "--save_freq", "4"), tmp_path)
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert first.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-run"
@@ -103,10 +109,9 @@ def test_killed_run_resumes_from_the_hub_on_another_machine(
 def test_hub_down_mid_training_then_back(hub: HubServer, tiny_dataset: Path, tmp_path: Path) -> None:
     """Server stopped after the first push: training goes on, uploads retry, and the newest reaches it later."""
     out = tmp_path / "out"
-    run = start(
-        push_args(tiny_dataset, out, "--save_freq", "4", "--hub_retries", "1"), machine_env(hub, tmp_path / "h")
+    run = start_and_wait_for_a_push(
+        hub, push_args(tiny_dataset, out, "--save_freq", "4", "--hub_retries", "1"), tmp_path
     )
-    wait_for(lambda: (pointer(hub) or {}).get("latest") is not None or run.poll() is not None)
     hub.stop()
     wait_for(lambda: (out / f"checkpoint-{STRAIGHT_STEPS}").is_dir() or run.poll() is not None)
     hub.start()  # same port: the client finds it again
@@ -124,10 +129,9 @@ def test_hub_down_mid_training_then_back(hub: HubServer, tiny_dataset: Path, tmp
 def test_final_push_failure_is_reported(hub: HubServer, tiny_dataset: Path, tmp_path: Path) -> None:
     """The token stops working mid-run (401): training finishes locally, warns, and exits non-zero."""
     out = tmp_path / "out"
-    run = start(
-        push_args(tiny_dataset, out, "--save_freq", "4", "--hub_retries", "1"), machine_env(hub, tmp_path / "h")
+    run = start_and_wait_for_a_push(
+        hub, push_args(tiny_dataset, out, "--save_freq", "4", "--hub_retries", "1"), tmp_path
     )
-    wait_for(lambda: (pointer(hub) or {}).get("latest") is not None or run.poll() is not None)
     hub.revoke_token()
     pushed = pointer(hub)["latest"].split("-")[1]
     _, stderr = run.communicate(timeout=600)
@@ -141,7 +145,7 @@ def test_final_push_failure_is_reported(hub: HubServer, tiny_dataset: Path, tmp_
 
 
 def test_uploads_slower_than_checkpoints(hub: HubServer, tiny_dataset: Path, tmp_path: Path) -> None:
-    hub.set_delay(2.0, upload=False)
+    hub.set_delay(1.0, upload=False)
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(TRAIN), *push_args(tiny_dataset, out, "--save_freq", "1", "--hub_keep_last", "2",

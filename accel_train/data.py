@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,6 @@ class DataPosition:
         if sample + step_samples > epoch_samples:
             return DataPosition(self.epoch + 1, 0)
         return DataPosition(self.epoch, sample)
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,15 +88,21 @@ def test_save_total_limit_keeps_the_newest_and_the_resumed_one(tiny_dataset: Pat
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-7", "checkpoint-8"]
 
 
-def run_until(args: list[str], env: dict, kill_after: float | None) -> tuple[int, str]:
-    """Run the trainer; SIGKILL it after `kill_after` seconds (inside a step, a checkpoint write or an upload)."""
+def run_and_kill(args: list[str], env: dict, metrics: Path, delay: float | None) -> tuple[int, str]:
+    """Run the trainer; once it has trained a step, SIGKILL it `delay` seconds later (None: let it finish).
+
+    With a step every ~0.5 s and a checkpoint (write, then upload) every 2 steps, the kill lands inside a step,
+    a checkpoint write or an upload.
+    """
     run = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        _, stderr = run.communicate(timeout=kill_after)
-    except subprocess.TimeoutExpired:
+    if delay is not None:
+        logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        while run.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) <= logged):
+            time.sleep(0.02)
+        time.sleep(delay)
         run.send_signal(signal.SIGKILL)
-        _, stderr = run.communicate()
+    _, stderr = run.communicate(timeout=600)
     return run.returncode, stderr
 
 
@@ -121,13 +128,12 @@ def chaos(tiny_dataset: Path, straight: Path, tmp_path: Path, kills: int, seed: 
         logs = []
         for _ in range(kills):
             valid_before = [s for s, p in ckpt.list_checkpoints(out) if ckpt.verify(p) is None]
-            # Start-up takes ~5 s here, a step ~0.5 s: the kill lands in start-up, steps, writes or uploads.
-            code, stderr = run_until(args, env, kill_after=rng.uniform(4.0, 7.5))
+            code, stderr = run_and_kill(args, env, out / "metrics.jsonl", delay=rng.uniform(0.0, 1.5))
             logs.append(stderr)
             check_resumed_from_newest_valid(stderr, valid_before)
             assert code == -signal.SIGKILL, f"the run ended with {code} before its kill: {stderr[-2000:]}"
         valid_before = [s for s, p in ckpt.list_checkpoints(out) if ckpt.verify(p) is None]
-        code, stderr = run_until(args, env, kill_after=None)
+        code, stderr = run_and_kill(args, env, out / "metrics.jsonl", delay=None)
         logs.append(stderr)
         assert code == 0, stderr[-3000:]
         check_resumed_from_newest_valid(stderr, valid_before)

@@ -249,10 +249,11 @@ def load_policy_weights(policy: PreTrainedPolicy, checkpoint: Path) -> None:
     """Strictly load policy.safetensors into the (unwrapped) policy, with a readable error when it does not fit."""
     path = checkpoint / POLICY_FILE
     try:
-        with safetensors.safe_open(path, "pt") as file:
-            names = set(file.keys())
+        with safetensors.safe_open(path, "pt") as file:  # reads the header only: names and shapes
+            shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
         raise TrainError(f"{path} is not a valid safetensors file ({error}); the checkpoint is damaged.") from None
+    names = set(shapes)
     expected = policy.state_dict()
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
@@ -262,14 +263,12 @@ def load_policy_weights(policy: PreTrainedPolicy, checkpoint: Path) -> None:
             f"({', '.join(missing[:3])}...) and {len(unexpected)} unexpected ones ({', '.join(unexpected[:3])}...). "
             "The checkpoint comes from another policy type or architecture."
         )
-    with safetensors.safe_open(path, "pt") as file:
-        for name in names:
-            shape = tuple(file.get_slice(name).get_shape())
-            if shape != tuple(expected[name].shape):
-                raise TrainError(
-                    f"{path} has '{name}' of shape {shape}, the policy being built expects "
-                    f"{tuple(expected[name].shape)}: the checkpoint has another architecture."
-                )
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name].shape):
+            raise TrainError(
+                f"{path} has '{name}' of shape {shape}, the policy being built expects "
+                f"{tuple(expected[name].shape)}: the checkpoint has another architecture."
+            )
     load_model(policy, path, strict=True)
 
 

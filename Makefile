@@ -1,7 +1,11 @@
 # Two entry points that set themselves up on a machine with only python3.12 and make:
 #   make demo   train a small ACT on the embedded demo dataset (Ctrl-C, then `make demo` again resumes)
 #   make test   run the test suite
-PYTHON ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# The first python3.12 that actually runs: a pyenv shim can be on PATH and still fail ("command not found").
+ifeq ($(strip $(PYTHON)),)
+PYTHON := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= outputs/demo

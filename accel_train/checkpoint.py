@@ -37,10 +37,11 @@ from typing import Any
 import safetensors
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from lerobot.policies import PreTrainedPolicy
 from lerobot.processor import PolicyProcessorPipeline
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from accel_train.data import DataPosition
 from accel_train.errors import TrainError
@@ -59,6 +60,8 @@ MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (POLICY_FILE, OPTIMIZER_FILE)
 # Accelerate's save_state names -> ours. Its per-rank `random_states_<rank>.pkl` are dropped (see above).
 ACCELERATE_FILES = {"optimizer.bin": OPTIMIZER_FILE, "scheduler.bin": SCHEDULER_FILE, "scaler.pt": SCALER_FILE}
+# Under FSDP with FULL_STATE_DICT, save_state writes the gathered weights here (torch.save) on the main process.
+FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"
 NAME = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
 
@@ -277,11 +280,69 @@ def load_optimizer_and_scheduler(checkpoint: Path, optimizer: torch.optim.Optimi
         optimizer.load_state_dict(load_tensors(checkpoint / OPTIMIZER_FILE))
     except (ValueError, KeyError) as error:
         raise TrainError(f"{checkpoint / OPTIMIZER_FILE} does not fit this policy's optimizer ({error}).") from None
-    if scheduler is not None:
-        if (checkpoint / SCHEDULER_FILE).is_file():
-            scheduler.load_state_dict(load_tensors(checkpoint / SCHEDULER_FILE))
-        else:
-            log.warning("%s has no %s: the LR schedule restarts at its beginning.", checkpoint, SCHEDULER_FILE)
+    load_scheduler(checkpoint, scheduler)
+
+
+def load_scheduler(checkpoint: Path, scheduler: Any) -> None:
+    if scheduler is None:
+        return
+    if (checkpoint / SCHEDULER_FILE).is_file():
+        scheduler.load_state_dict(load_tensors(checkpoint / SCHEDULER_FILE))
+    else:
+        log.warning("%s has no %s: the LR schedule restarts at its beginning.", checkpoint, SCHEDULER_FILE)
+
+
+def parameter_names(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimizer holds, in the order of its integer ids in `state_dict()`.
+
+    Taken before FSDP replaces the parameters: the names survive sharding, the parameter objects do not.
+    """
+    names = {param: name for name, param in policy.named_parameters()}
+    return [names[param] for group in optimizer.param_groups for param in group["params"]]
+
+
+def indexed_optimizer_state(by_name: dict[str, Any]) -> dict[str, Any]:
+    """A consolidated FSDP optimizer state (keyed by parameter name) in `optimizer.state_dict()`'s format.
+
+    torch's full optimizer state dict names parameters; a plain optimizer numbers them in param_groups order.
+    Written in the plain format, an FSDP checkpoint loads into a single-GPU run like any other.
+    """
+    order = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {
+        "state": {index[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in by_name["param_groups"]],
+    }
+
+
+def consolidate_fsdp_files(folder: Path) -> None:
+    """Accelerate's FSDP FULL_STATE_DICT files (gathered weights, name-keyed optimizer state; both torch.save)
+    rewritten as policy.safetensors and a plain optimizer_state.pth: the formats every other checkpoint has."""
+    save_file(load_tensors(folder / FSDP_MODEL_FILE), folder / POLICY_FILE, metadata={"format": "pt"})
+    (folder / FSDP_MODEL_FILE).unlink()
+    torch.save(indexed_optimizer_state(load_tensors(folder / "optimizer.bin")), folder / OPTIMIZER_FILE)
+    (folder / "optimizer.bin").unlink()
+
+
+def load_sharded_optimizer(
+    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
+) -> None:
+    """Load optimizer_state.pth (plain format, from any run) into an optimizer over FSDP-sharded parameters.
+
+    torch scatters each rank's shard from the full state; `names` (from `parameter_names`) maps ids to names.
+    """
+    indexed = load_tensors(checkpoint / OPTIMIZER_FILE)
+    count = sum(len(group["params"]) for group in indexed["param_groups"])
+    if count != len(names):
+        raise TrainError(
+            f"{checkpoint / OPTIMIZER_FILE} holds {count} parameters, this policy's optimizer {len(names)}: "
+            "the checkpoint comes from another policy or optimizer."
+        )
+    by_name = {
+        "state": {names[i]: value for i, value in indexed["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 class Checkpointer:
@@ -301,13 +362,15 @@ class Checkpointer:
         self.train_config = train_config
         self._state: TrainerState | None = None
         self._error: OSError | None = None
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
         accelerator.register_save_state_pre_hook(self._save_hook)
 
     def _save_hook(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
         """Write the policy and processors ourselves, in lerobot's formats, instead of Accelerate's model file.
 
         Runs on every rank. Popping the weights stops Accelerate from writing its own model.safetensors (under
-        DDP with `module.` prefixes); under FSDP the list is empty.
+        DDP with `module.` prefixes). Under FSDP the list is empty: Accelerate has already written the gathered
+        weights, which `_finalize` turns into policy.safetensors.
         """
         weights.clear()
         if not self.accelerator.is_main_process:
@@ -318,7 +381,8 @@ class Checkpointer:
             self._error = error
 
     def _write_policy_files(self, folder: Path, policy: PreTrainedPolicy) -> None:
-        save_model(policy, str(folder / POLICY_FILE))
+        if not self.sharded:
+            save_model(policy, str(folder / POLICY_FILE))
         policy.config._save_pretrained(folder)
         self.preprocessor.save_pretrained(folder, config_filename=PREPROCESSOR_FILE)
         self.postprocessor.save_pretrained(folder, config_filename=POSTPROCESSOR_FILE)
@@ -361,6 +425,8 @@ class Checkpointer:
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         """Accelerate's files under our names, the manifest last, then the rename that publishes the folder."""
+        if self.sharded:
+            consolidate_fsdp_files(tmp)
         for theirs, ours in ACCELERATE_FILES.items():
             if (tmp / theirs).exists():
                 (tmp / theirs).rename(tmp / ours)
@@ -382,32 +448,45 @@ class Checkpointer:
                 shutil.rmtree(path)
 
 
-def export_final(
-    output_dir: Path,
-    policy: PreTrainedPolicy,
-    preprocessor: PolicyProcessorPipeline,
-    postprocessor: PolicyProcessorPipeline,
-    train_config: dict[str, Any],
-    state: TrainerState,
-) -> list[Path]:
-    """The final model in OUT's root, under lerobot's names (from_pretrained, make_pre_post_processors) and
-    the spec's (policy.safetensors, preprocessor_config.json, postprocessor_config.json).
+# What a lerobot pretrained folder holds under its own names, copied from a checkpoint's files of the same bytes.
+EXPORT_COPIES = {
+    POLICY_FILE: ("model.safetensors", POLICY_FILE),
+    PREPROCESSOR_FILE: ("policy_preprocessor.json", PREPROCESSOR_FILE),
+    POSTPROCESSOR_FILE: ("policy_postprocessor.json", POSTPROCESSOR_FILE),
+    POLICY_CONFIG_FILE: (POLICY_CONFIG_FILE,),
+}
 
-    Written to a temporary folder first, then moved file by file, so no file in OUT is ever half-written.
+
+def export(checkpoint: Path, dest: Path) -> list[Path]:
+    """A checkpoint as a model folder: lerobot's names (from_pretrained, make_pre_post_processors) and the spec's
+    (policy.safetensors, preprocessor_config.json, postprocessor_config.json), processor stats, configs.
+
+    Copies files instead of re-serialising the policy, so the export is the checkpoint's exact bytes and needs
+    no model in memory (under FSDP none holds all the weights). Staged in a temporary folder, then moved file
+    by file, so no file in `dest` is ever half-written.
     """
-    staging = output_dir / f".tmp-final-{int(time.time())}"
-    staging.mkdir(parents=True)
-    policy.save_pretrained(staging)
-    os.link(staging / "model.safetensors", staging / POLICY_FILE)  # same bytes, one copy on disk
-    for pipeline, spec_name in ((preprocessor, PREPROCESSOR_FILE), (postprocessor, POSTPROCESSOR_FILE)):
-        pipeline.save_pretrained(staging)
-        pipeline.save_pretrained(staging, config_filename=spec_name)
-    (staging / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2))
-    (staging / STATE_FILE).write_text(state.to_json())
+    problem = verify(checkpoint) if (checkpoint / MANIFEST_FILE).is_file() else None
+    missing = [name for name in EXPORT_COPIES if not (checkpoint / name).is_file()]
+    if problem or missing:
+        raise TrainError(
+            f"Cannot export {checkpoint}: "
+            + (problem or f"it has no {', '.join(missing)}, which a deployable model folder needs")
+            + "."
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / f".tmp-export-{os.getpid()}-{int(time.time())}"
+    staging.mkdir()
+    for source in sorted(checkpoint.iterdir()):
+        if source.name == MANIFEST_FILE or not source.is_file():
+            continue
+        names = EXPORT_COPIES.get(source.name, (source.name,))
+        shutil.copyfile(source, staging / names[0])
+        for alias in names[1:]:
+            os.link(staging / names[0], staging / alias)  # same bytes, one copy on disk
     written = []
     for path in sorted(staging.iterdir()):
         _fsync(path)
-        written.append(path.replace(output_dir / path.name))
+        written.append(path.replace(dest / path.name))
     staging.rmdir()
-    _fsync(output_dir)
+    _fsync(dest)
     return written

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python accel_train/train.py`: make the package
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 
 from accel_train import checkpoint as ckpt
 from accel_train import config as config_
@@ -31,7 +31,7 @@ from accel_train import demo_dataset, hub
 from accel_train.checkpoint import Checkpointer, TrainerState
 from accel_train.config import TrainConfig
 from accel_train.data import DataPosition, ResumableBatchSampler, load_dataset, make_dataloader, make_order
-from accel_train.errors import Preempted, TrainError
+from accel_train.errors import Preempted, TrainError, UsageError
 from accel_train.hub import HubPusher
 from accel_train.metrics import METRICS_FILE, MetricsLogger
 from accel_train.model import build_optimizer, build_policy, build_processors, check_features
@@ -56,6 +56,7 @@ def run(args: list[str]) -> TrainerState:
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
     setup_logging(accelerator.is_main_process)
+    require_consolidated_fsdp_state(accelerator)
     output_dir = cfg.output_dir
 
     # 1. What are we continuing from? A checkpoint brings its own config; flags given now override it.
@@ -96,15 +97,20 @@ def run(args: list[str]) -> TrainerState:
         ckpt.load_policy_weights(policy, source)
     preprocessor, postprocessor = build_processors(cfg.policy, dataset, source)
     optimizer, scheduler = build_optimizer(cfg, policy)
-    if resume is not None:
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    names = ckpt.parameter_names(policy, optimizer)
+    if resume is not None and not sharded:
         ckpt.load_optimizer_and_scheduler(resume, optimizer, scheduler)
     state = continue_state(cfg, accelerator, start_step, start_state, len(order))
 
-    # 4. Hand the model and optimizer to Accelerate (DDP, mixed precision); the data loader stays ours.
+    # 4. Hand the model and optimizer to Accelerate (DDP, FSDP, mixed precision); the data loader stays ours.
     if scheduler is not None:
         policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     else:
         policy, optimizer = accelerator.prepare(policy, optimizer)
+    if resume is not None and sharded:  # FSDP's optimizer state exists only over the sharded parameters
+        ckpt.load_sharded_optimizer(resume, policy, optimizer.optimizer, names)
+        ckpt.load_scheduler(resume, scheduler)
     if resume is not None and accelerator.scaler is not None and (resume / ckpt.SCALER_FILE).is_file():
         accelerator.scaler.load_state_dict(ckpt.load_tensors(resume / ckpt.SCALER_FILE))
     sampler = ResumableBatchSampler(
@@ -179,9 +185,7 @@ def run(args: list[str]) -> TrainerState:
     # 6. The final model in OUT's root, for lerobot's own loading APIs.
     metrics.close()
     if accelerator.is_main_process:
-        final_files = ckpt.export_final(
-            output_dir, accelerator.unwrap_model(policy), preprocessor, postprocessor, train_config, state
-        )
+        final_files = ckpt.export(output_dir / f"checkpoint-{state.step}", output_dir)
         log.info("Training finished at step %d. Final model in %s", state.step, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -380,6 +384,17 @@ def reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, kee
         for key, (old, value) in changes.items():
             log.warning("Resuming with %s changed: %s -> %s", key, old, value)
     return new
+
+
+def require_consolidated_fsdp_state(accelerator: Accelerator) -> None:
+    """Checkpoints hold one consolidated policy and optimizer, so that they resume on any number of GPUs."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if plugin is not None and plugin.state_dict_type.name != "FULL_STATE_DICT":
+        raise UsageError(
+            f"FSDP with fsdp_state_dict_type {plugin.state_dict_type.name}: accel-train checkpoints hold one "
+            "consolidated policy.safetensors and optimizer_state.pth, so set fsdp_state_dict_type: "
+            "FULL_STATE_DICT in the Accelerate config (as configs/accelerate/fsdp.yaml does)."
+        )
 
 
 def guard_existing_checkpoints(cfg: TrainConfig, accelerator: Accelerator) -> None:

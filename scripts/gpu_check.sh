@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (one GPU, under 8 minutes on an H200): bf16 and fp16 training on the demo dataset, checkpoint,
-# resume, and the exact-resume comparison (N steps straight vs K steps + resume to N). Writes docs/gpu_check.md.
+# resume, and the exact-resume comparison (N steps straight vs K steps + resume to N); an FSDP checkpoint (Accelerate,
+# configs/accelerate/fsdp.yaml, one process) resumed without FSDP, against fp32 straight. Writes docs/gpu_check.md.
 #   bash scripts/gpu_check.sh            (after `make .venv/.installed` or with the venv carried along)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +12,14 @@ mkdir -p docs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$work/gpu.txt"
 common=(--config configs/demo.yaml --dataset_root "$work/piper_demo" --num_workers 4 --log_freq 1)
 
+launcher=("$py")  # what `run` starts accel_train/train.py with
+
 run() {  # run NAME ARGS...: time one training run, keep its log
     local name=$1
     shift
     local start
     start=$(date +%s.%N)
-    "$py" accel_train/train.py "${common[@]}" "$@" > "$work/$name.log" 2>&1
+    "${launcher[@]}" accel_train/train.py "${common[@]}" "$@" > "$work/$name.log" 2>&1
     echo "$name $(echo "$(date +%s.%N) - $start" | bc)" >> "$work/times.txt"
 }
 
@@ -26,6 +29,13 @@ for precision in bf16 fp16; do
     run "$precision-part2" --output_dir "$work/$precision-resumed" --mixed_precision "$precision" --steps 60 \
         --save_freq 60 --resume_from_checkpoint latest
 done
+
+# FSDP checkpoint -> plain resume: the consolidated files must continue like an fp32 run that never used FSDP.
+run fp32-straight --output_dir "$work/fp32-straight" --steps 60 --save_freq 60
+launcher=("$py" -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1)
+run fsdp-part1 --output_dir "$work/fsdp-resumed" --steps 37 --save_freq 37
+launcher=("$py")
+run fsdp-part2 --output_dir "$work/fsdp-resumed" --steps 60 --save_freq 60 --resume_from_checkpoint latest
 
 "$py" - "$work" "$report" <<'PY'
 import json, sys
@@ -45,6 +55,11 @@ for precision in ("bf16", "fp16"):
     lb = [json.loads(l)["loss"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     scaler = (resumed / "checkpoint-37" / "scaler_state.pth").is_file()
     lines.append(f"| {precision} | {60 / float(times[f'{precision}-straight']):.2f} (incl. start-up) | {la[-1]:.4f} | {diff:.3g} | {la == lb} | {scaler} |")
+a, b = load_file(work / "fp32-straight" / "model.safetensors"), load_file(work / "fsdp-resumed" / "model.safetensors")
+diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+ckpt = sorted(p.name for p in (work / "fsdp-resumed" / "checkpoint-37").iterdir())
+lines += ["", f"FSDP (1 process) 37 steps, then resumed without FSDP to 60, vs fp32 straight: max abs weight diff {diff:.3g}; "
+          f"FSDP checkpoint files: {', '.join(ckpt)}"]
 report.write_text("\n".join(lines) + "\n")
 print(report.read_text())
 PY

@@ -456,6 +456,9 @@ EXPORT_COPIES = {
     POLICY_CONFIG_FILE: (POLICY_CONFIG_FILE,),
 }
 
+# Training state a deployed model does not need (the optimizer alone is twice the policy's size).
+NOT_EXPORTED = {MANIFEST_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE}
+
 
 def export(checkpoint: Path, dest: Path) -> list[Path]:
     """A checkpoint as a model folder: lerobot's names (from_pretrained, make_pre_post_processors) and the spec's
@@ -477,7 +480,7 @@ def export(checkpoint: Path, dest: Path) -> list[Path]:
     staging = dest / f".tmp-export-{os.getpid()}-{int(time.time())}"
     staging.mkdir()
     for source in sorted(checkpoint.iterdir()):
-        if source.name == MANIFEST_FILE or not source.is_file():
+        if source.name in NOT_EXPORTED or not source.is_file():
             continue
         names = EXPORT_COPIES.get(source.name, (source.name,))
         shutil.copyfile(source, staging / names[0])

@@ -28,6 +28,7 @@ from accel_train.errors import UsageError
 
 DEFAULT_POLICY_TYPE = "act"
 MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -66,6 +67,13 @@ class TrainConfig:
     # Keep only the newest K complete checkpoints locally (never one still uploading or the one resumed from).
     save_total_limit: int | None = None
     seed: int = 1000
+    # Hold out episodes for validation: a fraction (0.2) or a count (2); 0 trains on every episode.
+    val_episodes: float = 0
+    # Validation loss every N steps (default: at every checkpoint); at most val_max_samples frames, evenly spread.
+    eval_freq: int | None = None
+    val_max_samples: int = 256
+    # Experiment tracker through Accelerate: tensorboard (OUT/tensorboard), wandb (WANDB_MODE=offline works), none.
+    log_with: str = "none"
     num_workers: int = 4
     mixed_precision: str = "no"
     # None: the policy's own lerobot preset (as lerobot-train does).
@@ -83,6 +91,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "save_freq", "log_freq"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        if self.log_with not in TRACKERS:
+            problems.append(f"--log_with must be one of {', '.join(TRACKERS)}")
+        if self.val_episodes < 0 or self.val_max_samples < 1 or (self.eval_freq is not None and self.eval_freq < 1):
+            problems.append("--val_episodes must be 0 or more, --val_max_samples and --eval_freq at least 1")
         if self.num_workers < 0:
             problems.append("--num_workers must be 0 or more")
         if self.video_backend not in (None, "torchcodec", "pyav"):

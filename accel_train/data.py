@@ -180,14 +180,45 @@ def make_dataloader(
     )
 
 
-def make_order(dataset: LeRobotDataset, policy_cfg: PreTrainedConfig, seed: int) -> EpisodeAwareSampler:
-    """lerobot's shuffled, episode-aware frame order (drops the frames the policy cannot use)."""
+def split_episodes(num_episodes: int, val_episodes: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) episode indices. `val_episodes` below 1 is a fraction, from 1 a count; the held-out
+    ones are drawn with the run's seed, so they are the same in every run and resume of that seed."""
+    if val_episodes <= 0:
+        return list(range(num_episodes)), []
+    count = max(1, round(val_episodes * num_episodes)) if val_episodes < 1 else int(val_episodes)
+    if val_episodes >= 1 and val_episodes != count:
+        raise TrainError(f"--val_episodes {val_episodes}: give a fraction below 1 or a whole number of episodes.")
+    if count >= num_episodes:
+        raise TrainError(
+            f"--val_episodes {val_episodes} holds out {count} of the dataset's {num_episodes} episodes, "
+            "leaving none to train on."
+        )
+    held_out = sorted(np.random.default_rng(seed).choice(num_episodes, size=count, replace=False).tolist())
+    return [e for e in range(num_episodes) if e not in held_out], held_out
+
+
+def make_order(
+    dataset: LeRobotDataset, policy_cfg: PreTrainedConfig, seed: int, episodes: list[int]
+) -> EpisodeAwareSampler:
+    """lerobot's shuffled, episode-aware frame order over `episodes` (drops the frames the policy cannot use)."""
     return EpisodeAwareSampler(
         dataset.meta.episodes["dataset_from_index"],
         dataset.meta.episodes["dataset_to_index"],
-        episode_indices_to_use=dataset.episodes,
+        episode_indices_to_use=episodes,
         drop_n_last_frames=getattr(policy_cfg, "drop_n_last_frames", 0),
         shuffle=True,
         seed=seed,
         absolute_to_relative_idx=dataset.absolute_to_relative_idx,
     )
+
+
+def images_to_float(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the batch to the device, then turn uint8 camera frames into floats in [0, 1] there (4x less copying)."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.dtype == torch.uint8:
+                value = value.float().div_(255)
+        moved[key] = value
+    return moved

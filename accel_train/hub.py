@@ -157,7 +157,7 @@ class HubPusher:
             self.report.failed.append(step)
             return
         pointer = self._pointer_state()
-        pointer["checkpoints"][name] = {"step": step, "files": files}
+        pointer["checkpoints"][name] = {"step": step, "files": files, "pushed_at": time.time()}
         pointer["latest"] = max(pointer["checkpoints"], key=lambda n: pointer["checkpoints"][n]["step"])
         removed = self._expired(pointer)
         for old in removed:

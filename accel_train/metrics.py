@@ -1,18 +1,65 @@
-"""What the main process shows and records: a tqdm bar, a log line per --log_freq steps, OUT/metrics.jsonl."""
+"""What the main process shows and records: a tqdm bar, a log line per --log_freq steps, OUT/metrics.jsonl,
+and the same numbers in an experiment tracker (TensorBoard, wandb) through Accelerate's tracking API.
+
+metrics.jsonl holds three kinds of records, each with a "step": training ("loss", "lr", ...), validation
+("val_loss", and at the end "val_action_error", "baseline_action_error") and resume points ("resumed_from").
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
+TRACKER_PATHS = (TENSORBOARD_DIR, "wandb", WANDB_ID_FILE)  # what --overwrite deletes with the checkpoints
+
+
+def start_trackers(
+    accelerator: Accelerator, log_with: str, output_dir: Path, config: dict[str, Any], start_step: int
+) -> None:
+    """Open the tracker so that a resumed run continues the same curves without duplicated steps.
+
+    TensorBoard: events in OUT/tensorboard; `purge_step` hides what a run that died after its last checkpoint
+    logged past it. wandb: one run id per output dir (kept in OUT/wandb_run_id), resumed; offline when
+    WANDB_MODE=offline. wandb ignores steps it has already seen, which after an exact resume hold the same values.
+    """
+    if log_with == "none":
+        return
+    init_kwargs: dict[str, dict[str, Any]] = {}
+    if log_with == "tensorboard":
+        init_kwargs["tensorboard"] = {"purge_step": start_step + 1} if start_step else {}
+    if log_with == "wandb":
+        id_file = output_dir / WANDB_ID_FILE
+        if accelerator.is_main_process and not id_file.is_file():
+            id_file.write_text(uuid.uuid4().hex[:16])
+        accelerator.wait_for_everyone()
+        init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "dir": str(output_dir)}
+        init_kwargs["wandb"]["name"] = output_dir.name
+    project = TENSORBOARD_DIR if log_with == "tensorboard" else "accel-train"
+    accelerator.init_trackers(project, config=_scalars(config), init_kwargs=init_kwargs)
+
+
+def _scalars(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config flattened to the scalar values trackers accept (TensorBoard's hparams refuse None and lists)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_scalars(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -29,8 +76,9 @@ def truncate_after(path: Path, step: int) -> None:
 class MetricsLogger:
     """Main-process only; other ranks get an instance whose calls do nothing visible."""
 
-    def __init__(self, output_dir: Path, start_step: int, total_steps: int, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, output_dir: Path, start_step: int, total_steps: int, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.enabled = enabled = accelerator.is_main_process
         self.path = output_dir / METRICS_FILE
         if enabled:
             truncate_after(self.path, start_step)
@@ -49,7 +97,7 @@ class MetricsLogger:
         self.bar.update(1)
 
     def record(self, metrics: dict[str, Any]) -> None:
-        """One log line and one metrics.jsonl record."""
+        """One log line, one metrics.jsonl record, the tracker's scalars."""
         if not self.enabled:
             return
         self.bar.set_postfix(
@@ -64,8 +112,25 @@ class MetricsLogger:
             metrics["samples_per_s"],
             metrics["epoch"],
         )
+        self._write(metrics)
+
+    def record_validation(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        log.info("step %d  %s", metrics["step"], "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+        self._write(metrics)
+
+    def record_resume(self, step: int, checkpoint: str) -> None:
+        """A resume point, marked on the curves by `accel-train plot`."""
+        if self.enabled:
+            self._write({"step": step, "resumed_from": checkpoint, "time": time.time()}, track=False)
+
+    def _write(self, metrics: dict[str, Any], track: bool = True) -> None:
         with open(self.path, "a") as file:
             file.write(json.dumps(metrics) + "\n")
+        if track:
+            numbers = {k: v for k, v in metrics.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+            self.accelerator.log(numbers, step=metrics["step"])
 
     def close(self) -> None:
         self.bar.close()

@@ -9,6 +9,7 @@ option as a keyword argument.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -22,7 +23,7 @@ if __package__ in (None, ""):  # `python accel_train/train.py`: make the package
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 
 from accel_train import checkpoint as ckpt
@@ -30,12 +31,21 @@ from accel_train import config as config_
 from accel_train import demo_dataset, hub
 from accel_train.checkpoint import Checkpointer, TrainerState
 from accel_train.config import TrainConfig
-from accel_train.data import DataPosition, ResumableBatchSampler, load_dataset, make_dataloader, make_order
+from accel_train.data import (
+    DataPosition,
+    ResumableBatchSampler,
+    images_to_float,
+    load_dataset,
+    make_dataloader,
+    make_order,
+    split_episodes,
+)
 from accel_train.errors import Preempted, TrainError, UsageError
 from accel_train.hub import HubPusher
-from accel_train.metrics import METRICS_FILE, MetricsLogger
+from accel_train.metrics import METRICS_FILE, TRACKER_PATHS, MetricsLogger, start_trackers
 from accel_train.model import build_optimizer, build_policy, build_processors, check_features
 from accel_train.preemption import PreemptionWatch
+from accel_train.validation import Validator, held_out_frames
 
 log = logging.getLogger("accel_train")
 
@@ -47,29 +57,24 @@ def train(**kwargs: Any) -> TrainerState:
 
 def run(args: list[str]) -> TrainerState:
     cfg = config_.parse(args)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        # The schedule advances once per optimizer step, whatever the number of processes (as lerobot-train).
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        # Without a GPU, Accelerate sets up multi-process (gloo) training only when told it is on CPU.
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-    )
-    setup_logging(accelerator.is_main_process)
-    require_consolidated_fsdp_state(accelerator)
+    # The processes exist before the Accelerator: its settings (precision, tracker) may come from a checkpoint.
+    # Without a GPU, Accelerate sets up multi-process (gloo) training only when told it is on CPU.
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    processes = PartialState(cpu=on_cpu)
+    setup_logging(processes.is_main_process)
     output_dir = cfg.output_dir
 
     # 1. What are we continuing from? A checkpoint brings its own config; flags given now override it.
-    if accelerator.is_main_process:
+    if processes.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temporary(output_dir)
-    accelerator.wait_for_everyone()
-    resume = locate_checkpoint(cfg.resume_from_checkpoint, cfg, accelerator)
-    source = resume or locate_checkpoint(cfg.init_from, cfg, accelerator)
+    processes.wait_for_everyone()
+    resume = locate_checkpoint(cfg.resume_from_checkpoint, cfg, processes)
+    source = resume or locate_checkpoint(cfg.init_from, cfg, processes)
     if source is not None:
         cfg = reparse_over_checkpoint(args, cfg, source, keep_training_state=resume is not None)
     if resume is None:
-        guard_existing_checkpoints(cfg, accelerator)
+        guard_existing_checkpoints(cfg, processes)
     start_state = ckpt.read_state(resume) if resume else None
     start_step = ckpt.resume_step(resume, start_state) if resume else 0
     if resume and start_step >= cfg.steps:
@@ -81,6 +86,17 @@ def run(args: list[str]) -> TrainerState:
             "Pass a larger --steps to train further."
         )
 
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        mixed_precision=cfg.mixed_precision,
+        # The schedule advances once per optimizer step, whatever the number of processes (as lerobot-train).
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=None if cfg.log_with == "none" else cfg.log_with,
+        project_dir=output_dir,
+    )
+    require_consolidated_fsdp_state(accelerator)
+
     # 2. Data. Model init is seeded so that two fresh runs start from the same weights.
     set_seed(cfg.seed)
     if cfg.demo_dataset and accelerator.is_main_process:
@@ -88,7 +104,9 @@ def run(args: list[str]) -> TrainerState:
     accelerator.wait_for_everyone()
     cfg.policy.device = accelerator.device.type
     dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
-    order = make_order(dataset, cfg.policy, cfg.seed)
+    train_episodes, val_episodes = split_episodes(dataset.meta.total_episodes, cfg.val_episodes, cfg.seed)
+    order = make_order(dataset, cfg.policy, cfg.seed, train_episodes)
+    validator = make_validator(cfg, accelerator, val_episodes)
 
     # 3. Policy, processors, optimizer: fresh, or from the checkpoint.
     policy = build_policy(cfg, dataset)
@@ -131,8 +149,12 @@ def run(args: list[str]) -> TrainerState:
         pusher = HubPusher(cfg.hub_repo_id, cfg.hub_revision, cfg.hub_private, cfg.hub_keep_last, cfg.hub_retries)
     summarize(cfg, accelerator, policy, dataset, sampler, resume or cfg.init_from, state)
 
-    # 5. The loop. Each step: accumulate gradients over micro-batches, clip, step, then log and checkpoint.
-    metrics = MetricsLogger(output_dir, state.step, cfg.steps, accelerator.is_main_process)
+    # 5. The loop. Each step: accumulate gradients over micro-batches, clip, step, log, validate, checkpoint.
+    start_trackers(accelerator, cfg.log_with, output_dir, train_config, state.step)
+    metrics = MetricsLogger(output_dir, state.step, cfg.steps, accelerator)
+    if resume is not None:
+        metrics.record_resume(state.step, resume.name)
+    eval_freq = cfg.eval_freq or cfg.save_freq
     window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
     window_start = time.perf_counter()
     with PreemptionWatch(accelerator) as preemption:
@@ -168,6 +190,9 @@ def run(args: list[str]) -> TrainerState:
                 window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
                 window_start = time.perf_counter()
 
+            if validator is not None and (state.step % eval_freq == 0 or state.step == cfg.steps):
+                metrics.record_validation({"step": state.step, "val_loss": validator.loss(policy, preprocessor)})
+
             if state.step % cfg.save_freq == 0 or state.step == cfg.steps:
                 path = checkpointer.save(state)
                 log.info("Saved %s", path)
@@ -182,7 +207,16 @@ def run(args: list[str]) -> TrainerState:
             if state.step < cfg.steps and preemption.should_stop():
                 stop_for_preemption(cfg, checkpointer, state, pusher, preemption, metrics)
 
-    # 6. The final model in OUT's root, for lerobot's own loading APIs.
+    # 6. How good is it? Then the final model in OUT's root, for lerobot's own loading APIs.
+    if validator is not None:
+        error, baseline = validator.action_error(policy, preprocessor, postprocessor)
+        metrics.record_validation({"step": state.step, "val_action_error": error, "baseline_action_error": baseline})
+        log.info(
+            "Held-out action error %.4f vs %.4f predicting the mean action (%.2fx better)",
+            error,
+            baseline,
+            baseline / error,
+        )
     metrics.close()
     if accelerator.is_main_process:
         final_files = ckpt.export(output_dir / f"checkpoint-{state.step}", output_dir)
@@ -219,7 +253,7 @@ def stop_for_preemption(
     )
 
 
-def locate_checkpoint(spec: str | None, cfg: TrainConfig, accelerator: Accelerator) -> Path | None:
+def locate_checkpoint(spec: str | None, cfg: TrainConfig, processes: PartialState) -> Path | None:
     """The checkpoint folder to start from: found (and, from the Hub, downloaded) by the main process only.
 
     The answer, or the error, is broadcast so that every rank stops or goes on together.
@@ -227,7 +261,7 @@ def locate_checkpoint(spec: str | None, cfg: TrainConfig, accelerator: Accelerat
     if not spec:
         return None
     answer: list[Any] = [None]
-    if accelerator.is_main_process:
+    if processes.is_main_process:
         try:
             answer = [("path", find_checkpoint(spec, cfg))]
         except TrainError as error:
@@ -293,18 +327,6 @@ def train_step(
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint32)[0])
-
-
-def images_to_float(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move the batch to the device, then turn uint8 camera frames into floats in [0, 1] there (4x less copying)."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.dtype == torch.uint8:
-                value = value.float().div_(255)
-        moved[key] = value
-    return moved
 
 
 def position_after(steps: int, step_samples: int, epoch_samples: int) -> DataPosition:
@@ -386,6 +408,17 @@ def reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, kee
     return new
 
 
+def make_validator(cfg: TrainConfig, accelerator: Accelerator, episodes: list[int]) -> Validator | None:
+    """Validation on the held-out episodes, from a second view of the dataset without augmentation."""
+    if not episodes:
+        return None
+    no_augmentation = dataclasses.replace(cfg.image_transforms, enable=False)
+    dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, no_augmentation, cfg.video_backend)
+    frames = held_out_frames(dataset, cfg.policy, episodes, cfg.val_max_samples)
+    log.info("Validation on %d frames of held-out episodes %s", len(frames), episodes)
+    return Validator(dataset, frames, cfg.batch_size, cfg.num_workers, accelerator, cfg.seed)
+
+
 def require_consolidated_fsdp_state(accelerator: Accelerator) -> None:
     """Checkpoints hold one consolidated policy and optimizer, so that they resume on any number of GPUs."""
     plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
@@ -397,7 +430,7 @@ def require_consolidated_fsdp_state(accelerator: Accelerator) -> None:
         )
 
 
-def guard_existing_checkpoints(cfg: TrainConfig, accelerator: Accelerator) -> None:
+def guard_existing_checkpoints(cfg: TrainConfig, processes: PartialState) -> None:
     """A fresh run never touches an output dir's checkpoints, unless --overwrite says so."""
     existing = ckpt.list_checkpoints(cfg.output_dir)
     if not existing:
@@ -409,12 +442,15 @@ def guard_existing_checkpoints(cfg: TrainConfig, accelerator: Accelerator) -> No
             "To continue it, add --resume_from_checkpoint latest; to discard them, add --overwrite; or choose "
             "another --output_dir."
         )
-    if accelerator.is_main_process:
+    if processes.is_main_process:
         log.warning("--overwrite: deleting %d checkpoints in %s", len(existing), cfg.output_dir)
         for _, path in existing:
             shutil.rmtree(path)
         (cfg.output_dir / METRICS_FILE).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
+        for name in TRACKER_PATHS:
+            path = cfg.output_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    processes.wait_for_everyone()
 
 
 def summarize(

@@ -234,6 +234,24 @@ def test_invalid_token(pushed: HubServer, capsys, monkeypatch, tiny_dataset: Pat
     assert code == 1 and "refused the token" in err and "hf_wrong" not in err
 
 
+def test_checkpoints_lists_the_hub_repo(pushed: HubServer, capsys) -> None:
+    """Listed from the repo's file tree without downloading; a replaced file (on a branch) is flagged."""
+    from accel_train.cli import main as cli
+
+    assert cli(["checkpoints", f"hf://{REPO_ID}", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # 2 and 4 from the fixture's run; an earlier test's resume may have pushed 6 since.
+    assert [r["step"] for r in rows][:2] == [2, 4] and {(r["verified"], r["pushed"]) for r in rows} == {("yes", "yes")}
+    assert all(r["size"] > 1_000_000 and 0 <= r["age_s"] < 3600 for r in rows)
+    api = huggingface_hub.HfApi(endpoint=pushed.url, token=pushed.token)
+    api.create_branch(REPO_ID, branch="replaced")
+    api.upload_file(path_or_fileobj=b"not the weights", path_in_repo="checkpoint-2/policy.safetensors",
+                    repo_id=REPO_ID, revision="replaced")  # fmt: skip
+    assert cli(["checkpoints", f"hf://{REPO_ID}@replaced", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["verified"] for r in rows][:2] == ["NO: policy.safetensors has another size", "yes"]
+
+
 def test_remote_file_names_cannot_escape_the_checkpoint_folder(
     pushed: HubServer, capsys, tiny_dataset: Path, tmp_path: Path
 ):

@@ -1,0 +1,60 @@
+"""The `accel-train` command: training (the default), and tools that look at a run's output.
+
+accel-train [TRAINING FLAGS]            train (`accel-train --help` lists the flags)
+accel-train plot OUT                    OUT/training_curves.png from OUT/metrics.jsonl
+accel-train checkpoints OUT|hf://U/R    list checkpoints: step, size, verified, pushed, age  [--json]
+accel-train export CKPT DIR             a lerobot pretrained folder (config.json, model.safetensors,
+                                        processors) from a checkpoint folder or hf://USER/REPO[/checkpoint-N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from accel_train import catalog, hub, plot, train
+from accel_train import checkpoint as ckpt
+from accel_train.errors import TrainError
+
+TOOLS = ("plot", "checkpoints", "export")
+
+
+def export(source: str, dest: Path) -> list[Path]:
+    if not hub.is_hub_uri(source):
+        return ckpt.export(Path(source), dest)
+    with tempfile.TemporaryDirectory() as scratch:  # downloaded and verified, then exported, then dropped
+        return ckpt.export(hub.fetch_checkpoint(source, Path(scratch)), dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in TOOLS:
+        return train.main(args)
+    parser = argparse.ArgumentParser(prog=f"accel-train {args[0]}")
+    if args[0] == "plot":
+        parser.add_argument("output_dir", type=Path)
+    elif args[0] == "checkpoints":
+        parser.add_argument("target", help="an output dir, or hf://USER/REPO[@revision]")
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    else:
+        parser.add_argument("checkpoint", help="a checkpoint folder, or hf://USER/REPO[/checkpoint-N][@revision]")
+        parser.add_argument("dest", type=Path)
+    options = parser.parse_args(args[1:])
+    try:
+        if args[0] == "plot":
+            print(plot.plot(options.output_dir))
+        elif args[0] == "checkpoints":
+            print(catalog.render(catalog.rows(options.target), options.json))
+        else:
+            written = export(options.checkpoint, options.dest)
+            print(f"Exported {len(written)} files to {options.dest}")
+    except TrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

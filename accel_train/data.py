@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,24 @@ def split_episodes(num_episodes: int, val_episodes: float, seed: int) -> tuple[l
         )
     held_out = sorted(np.random.default_rng(seed).choice(num_episodes, size=count, replace=False).tolist())
     return [e for e in range(num_episodes) if e not in held_out], held_out
+
+
+class TimedBatches:
+    """The loader's batches, counting the seconds the loop is blocked waiting for them: the data-loading share
+    of a step (host time, so it needs no device synchronisation)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self._batches = iter(loader)
+        self.wait_s = 0.0
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        batch = next(self._batches)
+        self.wait_s += time.perf_counter() - start
+        return batch
 
 
 def make_order(

@@ -104,12 +104,13 @@ class MetricsLogger:
             loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", smp_s=f"{metrics['samples_per_s']:.1f}"
         )
         log.info(
-            "step %d  loss %.4f  lr %.2e  grad_norm %.3f  samples/s %.1f  epoch %d",
+            "step %d  loss %.4f  lr %.2e  grad_norm %.3f  samples/s %.1f  data_s %.3f  epoch %d",
             metrics["step"],
             metrics["loss"],
             metrics["lr"],
             metrics["grad_norm"],
             metrics["samples_per_s"],
+            metrics["data_s"],
             metrics["epoch"],
         )
         self._write(metrics)

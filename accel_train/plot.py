@@ -15,7 +15,7 @@ from accel_train.errors import TrainError  # noqa: E402
 from accel_train.metrics import METRICS_FILE  # noqa: E402
 
 CURVES_FILE = "training_curves.png"
-PANELS = (("loss", "training loss", True), ("lr", "learning rate", False), ("samples_per_s", "samples/s", False))
+PANELS = (("loss", "loss", True), ("lr", "learning rate", False), ("samples_per_s", "samples/s", False))
 
 
 def read_records(output_dir: Path) -> list[dict]:
@@ -35,7 +35,7 @@ def plot(output_dir: Path) -> Path:
     steps = [r["step"] for r in training]
     figure, axes = plt.subplots(len(PANELS), 1, figsize=(8, 8), sharex=True)
     for axis, (key, label, log_scale) in zip(axes, PANELS, strict=True):
-        axis.plot(steps, [r[key] for r in training], label=label)
+        axis.plot(steps, [r[key] for r in training], label="training loss" if key == "loss" else label)
         if key == "loss" and validation:
             val_steps, val_losses = [r["step"] for r in validation], [r["val_loss"] for r in validation]
             axis.plot(val_steps, val_losses, "o-", label="validation loss")

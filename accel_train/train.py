@@ -34,6 +34,7 @@ from accel_train.config import TrainConfig
 from accel_train.data import (
     DataPosition,
     ResumableBatchSampler,
+    TimedBatches,
     images_to_float,
     load_dataset,
     make_dataloader,
@@ -140,7 +141,7 @@ def run(args: list[str]) -> TrainerState:
         cfg.seed,
         start=state.data,
     )
-    batches = iter(make_dataloader(dataset, sampler, cfg.num_workers, pin_memory=accelerator.device.type == "cuda"))
+    batches = TimedBatches(make_dataloader(dataset, sampler, cfg.num_workers, accelerator.device.type == "cuda"))
 
     train_config = cfg.to_dict()
     checkpointer = Checkpointer(accelerator, output_dir, preprocessor, postprocessor, train_config)
@@ -181,6 +182,7 @@ def run(args: list[str]) -> TrainerState:
                         "grad_norm": grad_norm.item(),
                         "lr": optimizer.param_groups[0]["lr"],
                         "samples_per_s": window_steps * sampler.step_samples / elapsed,
+                        "data_s": batches.wait_s / window_steps,  # per step, blocked on the loader
                         "epoch": state.data.epoch,
                         "samples_seen": state.samples_seen,
                         "time": time.time(),
@@ -188,7 +190,7 @@ def run(args: list[str]) -> TrainerState:
                     }
                 )
                 window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
-                window_start = time.perf_counter()
+                window_start, batches.wait_s = time.perf_counter(), 0.0
 
             if validator is not None and (state.step % eval_freq == 0 or state.step == cfg.steps):
                 metrics.record_validation({"step": state.step, "val_loss": validator.loss(policy, preprocessor)})

@@ -1,6 +1,7 @@
 # Two entry points that set themselves up on a machine with only python3.12 and make:
 #   make demo   train a small ACT on the embedded demo dataset (Ctrl-C, then `make demo` again resumes)
 #   make test   run the test suite
+#   make bench  measure speed against lerobot-train and a bare loop; writes docs/benchmarks.md
 # The first python3.12 that actually runs: a pyenv shim can be on PATH and still fail ("command not found").
 ifeq ($(strip $(PYTHON)),)
 PYTHON := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do \
@@ -10,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= outputs/demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "python3.12 not found: install it or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -24,6 +25,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/compare.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check accel_train tests

@@ -28,11 +28,12 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import safetensors
 import torch
@@ -362,6 +363,8 @@ class Checkpointer:
         self.train_config = train_config
         self._state: TrainerState | None = None
         self._error: OSError | None = None
+        self._writer: threading.Thread | None = None
+        self._background_failure: tuple[int, str] | None = None
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
         accelerator.register_save_state_pre_hook(self._save_hook)
 
@@ -389,12 +392,20 @@ class Checkpointer:
         (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(self.train_config, indent=2))
         (folder / STATE_FILE).write_text(self._state.to_json())
 
-    def save(self, state: TrainerState) -> Path:
-        """Write checkpoint-<step> atomically; every rank must call it (save_state and barriers are collective).
+    def save(self, state: TrainerState, on_published: Callable[[Path], None] | None = None) -> Path:
+        """Write checkpoint-<step>; every rank must call it (save_state and barriers are collective).
 
-        A failed write (disk full, I/O error) on any rank stops every rank with one clear error, removes the
-        partial folder and leaves the previous checkpoint as it was.
+        Training is blocked only while save_state serialises the state into `.tmp-checkpoint-<step>` (into the
+        page cache). Flushing it to disk, hashing it into the manifest and the rename that publishes the folder
+        run in a background thread of the main process, which then calls `on_published(folder)` (Hub push,
+        pruning). One write is in flight at a time: the next save, or `wait()`, first waits for it, so a slow
+        disk holds training back instead of piling up copies.
+
+        A failed write (disk full, I/O error) on any rank, now or in the background, stops every rank with one
+        clear error (at this save, or at the next save or wait), removes the partial folder and leaves the
+        previous checkpoint as it was.
         """
+        self.wait()
         final = self.output_dir / f"checkpoint-{state.step}"
         tmp = self.output_dir / f"{TMP_PREFIX}{state.step}"
         if self.accelerator.is_main_process:
@@ -406,22 +417,51 @@ class Checkpointer:
         except OSError as error:  # Accelerate's own files (optimizer, scheduler, RNG) failed to write
             self._error = error
         self.accelerator.wait_for_everyone()  # save_state has no barrier of its own: all ranks' files are in
-        if self.accelerator.is_main_process and self._error is None:
-            try:
-                self._finalize(tmp, final)
-            except OSError as error:
-                self._error = error
         errors = [e for e in gather_object([str(self._error) if self._error else None]) if e]
         if errors:
-            if self.accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            previous = [p.name for step, p in list_checkpoints(self.output_dir) if step < state.step]
-            raise TrainError(
-                f"Writing checkpoint-{state.step} failed ({errors[0]}); training stops here. "
-                + (f"The previous checkpoint, {previous[-1]}, is intact: " if previous else "")
-                + "fix the cause (e.g. free disk space) and rerun with --resume_from_checkpoint latest."
+            self._fail(state.step, errors[0], tmp)
+        if self.accelerator.is_main_process:
+            self._writer = threading.Thread(
+                target=self._publish, args=(tmp, final, on_published), name=f"write-{final.name}"
             )
+            self._writer.start()
         return final
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is published; every rank must call it. Raises, on every rank,
+        the error of a write that failed in the background."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        failure, self._background_failure = self._background_failure, None
+        failures = [f for f in gather_object([failure]) if f]
+        if failures:
+            self._fail(*failures[0])
+
+    def _publish(self, tmp: Path, final: Path, on_published: Callable[[Path], None] | None) -> None:
+        """The background half of a save (main process): flush, manifest, rename; then the callback."""
+        try:
+            self._finalize(tmp, final)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._background_failure = (step_from_name(final), str(error))
+            return
+        log.info("Saved %s", final)
+        if on_published is not None:
+            try:
+                on_published(final)
+            except Exception as error:  # a thread's exception would vanish: say it, the checkpoint is safe
+                log.warning("After saving %s: %s: %s", final.name, type(error).__name__, error)
+
+    def _fail(self, step: int, error: str, tmp: Path | None = None) -> NoReturn:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp or self.output_dir / f"{TMP_PREFIX}{step}", ignore_errors=True)
+        previous = [p.name for s, p in list_checkpoints(self.output_dir) if s < step]
+        raise TrainError(
+            f"Writing checkpoint-{step} failed ({error}); training stops here. "
+            + (f"The previous checkpoint, {previous[-1]}, is intact: " if previous else "")
+            + "fix the cause (e.g. free disk space) and rerun with --resume_from_checkpoint latest."
+        )
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         """Accelerate's files under our names, the manifest last, then the rename that publishes the folder."""

@@ -44,10 +44,10 @@ CONTAINER = np.array([0.85, 0.15])
 HOME = np.array([0.5, 0.5])
 
 
-def features() -> dict:
+def features(shape: tuple[int, int, int] = IMAGE_SHAPE) -> dict:
     """LeRobot feature spec of the dataset: state/action of 7 values and three RGB cameras."""
     vector = {"dtype": "float32", "shape": (7,), "names": JOINT_NAMES}
-    camera = {"dtype": "video", "shape": IMAGE_SHAPE, "names": ["height", "width", "channels"]}
+    camera = {"dtype": "video", "shape": shape, "names": ["height", "width", "channels"]}
     return {
         "observation.state": vector,
         "action": vector,
@@ -62,6 +62,7 @@ def joints_for(xy: np.ndarray) -> np.ndarray:
 
 def _draw_square(image: np.ndarray, center: np.ndarray, half: int, color: tuple[int, int, int]) -> None:
     h, w, _ = image.shape
+    half = max(1, round(half * h / IMAGE_SHAPE[0]))  # sizes are given for 64x64 images
     row, col = int(center[1] * (h - 1)), int(center[0] * (w - 1))
     image[max(row - half, 0) : row + half + 1, max(col - half, 0) : col + half + 1] = color
 
@@ -85,12 +86,12 @@ def render(cube: np.ndarray, effector: np.ndarray, holding: bool, noise: np.ndar
     return views
 
 
-def episode(rng: np.random.Generator) -> list[dict]:
+def episode(rng: np.random.Generator, shape: tuple[int, int, int] = IMAGE_SHAPE) -> list[dict]:
     """One pick-and-place: approach the cube, grasp, carry it to the container, release."""
     cube = rng.uniform(0.15, 0.7, size=2)
     effector = HOME + rng.normal(0, 0.03, size=2)
     gripper = 1.0
-    noise = rng.normal(0, 6, size=IMAGE_SHAPE)
+    noise = rng.normal(0, 6, size=shape)
     held = False
     frames = []
     for t in range(FRAMES_PER_EPISODE + 1):
@@ -118,19 +119,23 @@ def episode(rng: np.random.Generator) -> list[dict]:
     ]
 
 
-def create(root: Path, episodes: int = 10, seed: int = 0, repo_id: str = REPO_ID) -> Path:
-    """Write the dataset to `root` with lerobot's own writer; same seed, same data."""
+def create(
+    root: Path, episodes: int = 10, seed: int = 0, repo_id: str = REPO_ID, size: tuple[int, int] = IMAGE_SHAPE[:2]
+) -> Path:
+    """Write the dataset to `root` with lerobot's own writer; same seed, same data. `size` is (height, width)
+    of the cameras: 64x64 for tests and the demo, 480x640 for benchmarks at a real camera's size."""
+    shape = (*size, 3)
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     if root.exists():
         raise FileExistsError(f"{root} already exists; pass an empty or new folder to --root.")
     rng = np.random.default_rng(seed)
     dataset = LeRobotDataset.create(
-        repo_id, FPS, features(), root=root, robot_type="piper", use_videos=True, video_backend="pyav"
+        repo_id, FPS, features(shape), root=root, robot_type="piper", use_videos=True, video_backend="pyav"
     )
     try:
         for _ in range(episodes):
-            for frame in episode(rng):
+            for frame in episode(rng, shape):
                 dataset.add_frame(frame)
             dataset.save_episode(parallel_encoding=False)
         dataset.finalize()
@@ -158,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, required=True, help="folder to write the dataset into (must not exist)")
     parser.add_argument("--episodes", type=int, default=10, help="number of episodes (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same dataset")
+    parser.add_argument("--size", type=int, nargs=2, default=IMAGE_SHAPE[:2], metavar=("HEIGHT", "WIDTH"),
+                        help="camera image size (default 64 64)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error("--episodes must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        create(args.root, args.episodes, args.seed)
+        create(args.root, args.episodes, args.seed, size=tuple(args.size))
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,13 @@ def run(args: list[str]) -> TrainerState:
         pusher = HubPusher(cfg.hub_repo_id, cfg.hub_revision, cfg.hub_private, cfg.hub_keep_last, cfg.hub_retries)
     summarize(cfg, accelerator, policy, dataset, sampler, resume or cfg.init_from, state)
 
+    def on_published(path: Path) -> None:
+        """Once a checkpoint is on disk (in the checkpoint writer thread of the main process): push, prune."""
+        if pusher is not None:
+            pusher.submit(path, ckpt.step_from_name(path))
+        if cfg.save_total_limit:
+            checkpointer.prune(cfg.save_total_limit, lambda p: p == resume or (pusher and pusher.is_uploading(p)))
+
     # 5. The loop. Each step: accumulate gradients over micro-batches, clip, step, log, validate, checkpoint.
     start_trackers(accelerator, cfg.log_with, output_dir, train_config, state.step)
     metrics = MetricsLogger(output_dir, state.step, cfg.steps, accelerator)
@@ -196,18 +204,11 @@ def run(args: list[str]) -> TrainerState:
                 metrics.record_validation({"step": state.step, "val_loss": validator.loss(policy, preprocessor)})
 
             if state.step % cfg.save_freq == 0 or state.step == cfg.steps:
-                path = checkpointer.save(state)
-                log.info("Saved %s", path)
-                if pusher is not None:
-                    pusher.submit(path, state.step)
-                if cfg.save_total_limit and accelerator.is_main_process:
-                    checkpointer.prune(
-                        cfg.save_total_limit, lambda p: p == resume or (pusher and pusher.is_uploading(p))
-                    )
+                checkpointer.save(state, on_published)
                 window_start = time.perf_counter()  # the write is not training time
 
             if state.step < cfg.steps and preemption.should_stop():
-                stop_for_preemption(cfg, checkpointer, state, pusher, preemption, metrics)
+                stop_for_preemption(cfg, checkpointer, state, pusher, preemption, metrics, on_published)
 
     # 6. How good is it? Then the final model in OUT's root, for lerobot's own loading APIs.
     if validator is not None:
@@ -220,6 +221,7 @@ def run(args: list[str]) -> TrainerState:
             baseline / error,
         )
     metrics.close()
+    checkpointer.wait()
     if accelerator.is_main_process:
         final_files = ckpt.export(output_dir / f"checkpoint-{state.step}", output_dir)
         log.info("Training finished at step %d. Final model in %s", state.step, output_dir)
@@ -240,14 +242,16 @@ def stop_for_preemption(
     pusher: HubPusher | None,
     preemption: PreemptionWatch,
     metrics: MetricsLogger,
+    on_published: Callable[[Path], None],
 ) -> None:
     """Checkpoint the step just finished (all ranks agree on it), push it within a bounded wait, exit 75."""
     metrics.close()
+    checkpointer.wait()
     path = cfg.output_dir / f"checkpoint-{state.step}"
     if not path.is_dir():
-        path = checkpointer.save(state)
+        checkpointer.save(state, on_published)  # submitted to the pusher once published
+        checkpointer.wait()
     if pusher is not None:
-        pusher.submit(path, state.step)
         pusher.finish([], timeout_s=cfg.preemption_push_timeout_s)
     raise Preempted(
         f"Stopped by {preemption.signal_name} after step {state.step}; {path} is complete. Run the same command "

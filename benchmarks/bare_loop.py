@@ -1,0 +1,56 @@
+"""The floor for the trainer's step time: the same demo ACT, optimizer and batch, stepped in a bare loop over
+batches pre-loaded (decoded, normalised) into memory, so no data loading and no trainer around it.
+
+    python benchmarks/bare_loop.py --dataset_root DIR [--steps 30]    prints {"samples_per_s": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from accel_train import config  # noqa: E402
+from accel_train.data import images_to_float, load_dataset  # noqa: E402
+from accel_train.model import build_optimizer, build_policy, build_processors  # noqa: E402
+
+WARMUP, PRELOADED = 5, 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset_root", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    cfg = config.parse(["--config", str(REPO / "configs" / "demo.yaml"), "--output_dir", "/nonexistent",
+                        "--dataset_root", str(args.dataset_root), "--demo_dataset=false"])  # fmt: skip
+    cfg.policy.device = "cpu"
+    torch.manual_seed(cfg.seed)
+    dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
+    policy = build_policy(cfg, dataset)
+    preprocessor, _ = build_processors(cfg.policy, dataset, None)
+    optimizer, _ = build_optimizer(cfg, policy)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
+    batches = [preprocessor(images_to_float(b, torch.device("cpu"))) for b in itertools.islice(loader, PRELOADED)]
+    policy.train()
+    for step in range(WARMUP + args.steps):
+        if step == WARMUP:
+            start = time.perf_counter()
+        loss, _ = policy(batches[step % PRELOADED])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optimizer.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    print(json.dumps({"samples_per_s": args.steps * cfg.batch_size / (time.perf_counter() - start)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""accel-train's speed against lerobot-train and against a bare loop, measured side by side in one run.
+
+Every figure is a ratio of runs made alternately in this one command on this machine (machines here are noisy):
+  throughput     ours vs `lerobot-train` (same ACT, dataset, batch, workers, steps), --pairs pairs, order swapped
+                 every pair; samples/s in steady state, the data-loading share of a step, peak RSS (process tree)
+  overhead       our steady-state step time vs a bare forward/backward/step loop over pre-loaded batches
+  checkpoint     time training is blocked per checkpoint vs a synchronous save of the same state
+  resume         launch-to-first-step of a resumed run vs a fresh start
+  hub upload     samples/s while a checkpoint upload runs vs while none does (benchmarks/hub_upload_stall.py)
+Writes docs/benchmarks.md (the numbers come from this run, nothing is typed in).
+
+    python benchmarks/compare.py [--pairs 3] [--steps 80] [--out docs/benchmarks.md]
+
+At a realistic size, on one GPU (benchmarks/gpu_compare.sh; under 8 minutes on an H200): lerobot's default ACT
+(ResNet-18, not pretrained: offline), 3 cameras at 480x640, bf16, throughput and memory only:
+
+    python benchmarks/compare.py --realistic --pairs 2 --steps 120 --out docs/benchmarks_gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DEMO = REPO / "configs" / "demo.yaml"
+BATCH, LOG_FREQ, WARMUP_LOGS = 8, 10, 2
+
+
+@dataclass
+class Workload:
+    """What both trainers train: the demo's tiny ACT on 64x64 cameras (CPU), or lerobot's default ACT on
+    480x640 cameras in bf16 (--realistic, GPU)."""
+
+    realistic: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (480, 640) if self.realistic else (64, 64)
+
+    @property
+    def workers(self) -> int:
+        return 8 if self.realistic else 1
+
+    def policy(self) -> dict:
+        if self.realistic:
+            return {"type": "act", "pretrained_backbone_weights": None}
+        return yaml.safe_load(DEMO.read_text())["policy"]
+
+    def env(self) -> dict[str, str]:
+        """Precision through Accelerate's environment: lerobot-train reads it when the policy sets none."""
+        return {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16" if self.realistic else "no"}
+
+    def describe(self) -> str:
+        if self.realistic:
+            return "lerobot's default ACT (ResNet-18 backbone, not pretrained), 3 cameras at 480x640, bf16"
+        return "the demo ACT (`configs/demo.yaml`), 3 cameras at 64x64, fp32"
+
+
+OUR_STEP = re.compile(r"INFO step (\d+)  loss")
+LEROBOT_STEP = re.compile(r"step:(\d+) .*updt_s:([\d.]+) data_s:([\d.]+)")
+
+
+@dataclass
+class Run:
+    """One process: when each logged step arrived, its peak resident memory (with its loader workers)."""
+
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (step, seconds since launch)
+    lines: list[str] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    wall_s: float = 0.0
+
+    def samples_per_s(self, batch: int) -> float:
+        """Steady state: from the end of the WARMUP_LOGS-th log window to the last one."""
+        (first, t0), (last, t1) = self.steps[WARMUP_LOGS - 1], self.steps[-1]
+        return (last - first) * batch / (t1 - t0)
+
+
+def run(command: list[str], step_pattern: re.Pattern, env: dict[str, str] | None = None) -> Run:
+    result, start = Run(), time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env or os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    done = threading.Event()
+
+    def sample_memory() -> None:
+        root = psutil.Process(process.pid)
+        while not done.is_set():
+            try:
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                result.peak_rss_mb = max(result.peak_rss_mb, rss / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+    for line in process.stdout:
+        now = time.perf_counter() - start
+        result.lines.append(line)
+        if match := step_pattern.search(line):
+            result.steps.append((int(match[1]), now))
+    process.wait()
+    done.set()
+    result.wall_s = time.perf_counter() - start
+    if process.returncode != 0:
+        raise SystemExit(f"{command[:3]} failed ({process.returncode}):\n{''.join(result.lines[-30:])}")
+    return result
+
+
+def policy_flags(work: Workload) -> list[str]:
+    return [f"--policy.{k}={'null' if v is None else v}" for k, v in work.policy().items()]
+
+
+def ours_command(work: Workload, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO / "accel_train" / "train.py"), "--dataset_id", "local/piper_demo",
+        "--dataset_root", str(data), *policy_flags(work), "--output_dir", str(out), "--steps", str(steps),
+        "--save_freq", str(10**6), "--log_freq", str(LOG_FREQ), "--batch_size", str(BATCH),
+        "--num_workers", str(work.workers), "--seed", "1000", *extra,
+    ]  # fmt: skip
+
+
+def lerobot_command(work: Workload, data: Path, out: Path, steps: int) -> list[str]:
+    """lerobot-train with the same ACT, dataset, batch, workers and seed; no checkpoints."""
+    device = "cuda" if work.realistic else "cpu"
+    return [
+        str(BIN / "lerobot-train"), "--dataset.repo_id=local/piper_demo", f"--dataset.root={data}",
+        "--dataset.video_backend=pyav", *policy_flags(work), f"--policy.device={device}", "--policy.push_to_hub=false",
+        f"--batch_size={BATCH}", f"--num_workers={work.workers}", f"--steps={steps}", f"--log_freq={LOG_FREQ}",
+        "--save_checkpoint=false", "--seed=1000", "--wandb.enable=false", f"--output_dir={out}",
+    ]  # fmt: skip
+
+
+def our_data_share(out: Path) -> float:
+    """Mean share of a step the loop waited for the loader (records after warm-up)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][WARMUP_LOGS:]
+    return statistics.mean(r["data_s"] * r["samples_per_s"] / BATCH for r in records)
+
+
+def lerobot_data_share(result: Run) -> float:
+    windows = [LEROBOT_STEP.search(line) for line in result.lines]
+    windows = [m for m in windows if m][WARMUP_LOGS:]
+    return statistics.mean(float(m[3]) / (float(m[2]) + float(m[3])) for m in windows)
+
+
+def throughput(work: Workload, data: Path, tmp: Path, pairs: int, steps: int) -> dict:
+    rows: dict[str, list] = {"ours": [], "lerobot": [], "bare": []}
+    for pair in range(pairs):
+        order = ("ours", "lerobot") if pair % 2 == 0 else ("lerobot", "ours")
+        for name in order:
+            out = tmp / f"{name}-{pair}"
+            if name == "ours":
+                result = run(ours_command(work, data, out, steps), OUR_STEP, work.env())
+                rows[name].append((result.samples_per_s(BATCH), our_data_share(out), result.peak_rss_mb))
+            else:
+                result = run(lerobot_command(work, data, out, steps), LEROBOT_STEP, work.env())
+                rows[name].append((result.samples_per_s(BATCH), lerobot_data_share(result), result.peak_rss_mb))
+            print(f"pair {pair} {name}: {rows[name][-1][0]:.2f} samples/s", flush=True)
+        if work.realistic:
+            continue
+        bare = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "bare_loop.py"), "--dataset_root", str(data), "--steps", "30"],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rows["bare"].append(json.loads(bare.stdout.splitlines()[-1])["samples_per_s"])
+        print(f"pair {pair} bare loop: {rows['bare'][-1]:.2f} samples/s", flush=True)
+    return rows
+
+
+def resume_startup(data: Path, tmp: Path, pairs: int) -> tuple[list[float], list[float]]:
+    """Seconds from launch to the first logged step: fresh start vs resume from a step-10 checkpoint."""
+    base = tmp / "resume-base"
+    work = Workload(realistic=False)
+    run(ours_command(work, data, base, 10, "--save_freq", "10"), OUR_STEP)
+    fresh, resumed = [], []
+    for pair in range(pairs):
+        for kind in ("fresh", "resumed") if pair % 2 == 0 else ("resumed", "fresh"):
+            out = tmp / f"startup-{kind}-{pair}"
+            if kind == "resumed":
+                shutil.copytree(base, out)
+                extra = ["--resume_from_checkpoint", "latest"]
+            else:
+                extra = []
+            steps = 13 if kind == "resumed" else 3
+            result = run(ours_command(work, data, out, steps, "--log_freq", "1", *extra), OUR_STEP)
+            (fresh if kind == "fresh" else resumed).append(result.steps[0][1])
+    return fresh, resumed
+
+
+def checkpoint_stall(data: Path, tmp: Path, pairs: int) -> tuple[list[float], list[float]]:
+    """Mean seconds training is blocked per checkpoint (ours) vs a synchronous save of the same state."""
+    blocked, synchronous = [], []
+    for pair in range(pairs):
+        for mode in ("async", "sync") if pair % 2 == 0 else ("sync", "async"):
+            result = subprocess.run(
+                [sys.executable, str(REPO / "benchmarks" / "checkpoint_stall.py"), "--mode", mode,
+                 "--dataset_root", str(data), "--output_dir", str(tmp / f"stall-{mode}-{pair}")],
+                cwd=REPO, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            (blocked if mode == "async" else synchronous).append(json.loads(result.stdout.splitlines()[-1])["mean_s"])
+    return blocked, synchronous
+
+
+def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    met = value >= target if higher_is_better else value <= target
+    return "met" if met else "**missed**"
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def breakdown(rows: dict) -> str:
+    """Where the time goes: samples/s of each run, data-loading share, peak RSS."""
+    lines = [
+        "| trainer | samples/s (each run) | data-loading share of a step | peak RSS, process tree |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (("ours", "ours"), ("lerobot", "lerobot-train")):
+        runs = rows[name]
+        lines.append(
+            f"| {label} | {', '.join(f'{r[0]:.1f}' for r in runs)} | {statistics.mean(r[1] for r in runs):.0%} "
+            f"| {max(r[2] for r in runs):.0f} MiB |"
+        )
+    if rows["bare"]:
+        lines.append(f"| bare loop (pre-loaded batches) | {', '.join(f'{r:.1f}' for r in rows['bare'])} | 0% | |")
+    return "\n".join(lines)
+
+
+NOTES = """Data-loading share: ours, the time the loop waits for the loader (`data_s` in metrics.jsonl); lerobot-train,
+its `data_s / (data_s + updt_s)`, which also counts moving the batch and normalising it. Samples/s is the steady
+state between the end of the second log window and the last one, timed from when each log line arrived."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--realistic", action="store_true", help="default ACT, 480x640 cameras, bf16, on a GPU")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from accel_train import demo_dataset
+
+    work = Workload(args.realistic)
+    started = time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        data = demo_dataset.create(tmp / "piper_demo", episodes=4 if work.realistic else 10, seed=0, size=work.size)
+        rows = throughput(work, data, tmp, args.pairs, args.steps)
+        if not work.realistic:
+            stall_blocked, stall_sync = checkpoint_stall(data, tmp, args.pairs)
+            fresh, resumed = resume_startup(data, tmp, args.pairs)
+    ours_sps = statistics.mean(r[0] for r in rows["ours"])
+    lerobot_sps = statistics.mean(r[0] for r in rows["lerobot"])
+    ratio = ours_sps / lerobot_sps
+    command = (
+        f"python benchmarks/compare.py {'--realistic ' if work.realistic else ''}--pairs {args.pairs} "
+        f"--steps {args.steps}"
+    )
+    header = f"""Written by `{command}` on {time.strftime("%Y-%m-%d", time.gmtime(started))} \
+({(time.time() - started) / 60:.0f} min).
+Machine: {machine()}.
+Workload: {work.describe()}; the demo dataset's synthetic Piper episodes (AV1 video, PyAV decoding), batch
+{BATCH}, {work.workers} loader workers, {args.steps} steps. Every ratio compares runs made alternately in this one
+command."""
+    if work.realistic:
+        text = f"""# Benchmarks at a realistic size (GPU)
+
+{header}
+
+Throughput, ours / lerobot-train 0.6.1: **{ratio:.2f}x** ({ours_sps:.1f} vs {lerobot_sps:.1f} samples/s).
+
+{breakdown(rows)}
+
+{NOTES}
+"""
+    else:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from hub_upload_stall import measure
+
+        hub = measure(steps=120, save_freq=20)
+        bare_sps = statistics.mean(rows["bare"])
+        overhead = bare_sps / ours_sps  # our step time / bare step time
+        stall = statistics.mean(stall_blocked) / statistics.mean(stall_sync)
+        startup = statistics.mean(resumed) / statistics.mean(fresh)
+        pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
+        blocked_s, sync_s = statistics.mean(stall_blocked), statistics.mean(stall_sync)
+        targets = [
+            ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.1f} vs "
+             f"{lerobot_sps:.1f} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
+            ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s)",
+             verdict(overhead, 1.10, False)),
+            ("blocked per checkpoint / synchronous save", "<= 25%", f"**{stall:.0%}** ({blocked_s:.3f} s vs "
+             f"{sync_s:.3f} s)", verdict(stall, 0.25, False)),
+            ("samples/s during a Hub upload / without", ">= 0.95x", f"**{hub['ratio']:.2f}x** ({hub['during']:.1f} vs "
+             f"{hub['idle']:.1f})", verdict(hub["ratio"], 0.95, True)),
+            ("launch to first step, resume / fresh", "<= 1.2x", f"**{startup:.2f}x** ({statistics.mean(resumed):.1f} s "
+             f"vs {statistics.mean(fresh):.1f} s)", verdict(startup, 1.2, False)),
+        ]  # fmt: skip
+        table = "\n".join(f"| {' | '.join(row)} |" for row in targets)
+        text = f"""# Benchmarks
+
+{header}
+
+| measure | target | measured | |
+|---|---|---|---|
+{table}
+
+## Where the time goes
+
+{breakdown(rows)}
+
+{NOTES} Checkpoint: {len(stall_blocked)} runs of each kind, 5 saves each, ~130 MB
+checkpoints. Resume start-up: from process launch to the first step's log line, Python and torch imports included.
+"""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

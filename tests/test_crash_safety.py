@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STRAIGHT_STEPS, TRAIN, base_args, same_weights
+from conftest import REPO, STRAIGHT_STEPS, TRAIN, assert_ok, base_args, run_cli, same_weights
 from hub_server import HubServer
 
 from accel_train import checkpoint as ckpt
@@ -115,12 +115,18 @@ def check_resumed_from_newest_valid(stderr: str, valid_before: list[int]) -> Non
         assert not valid_before
 
 
-def chaos(tiny_dataset: Path, straight: Path, tmp_path: Path, kills: int, seed: int) -> None:
-    """Kill, restart with `latest`, repeat; then finish: the result must be the uninterrupted run's, bit for bit."""
+def chaos(
+    tiny_dataset: Path, reference: Path, steps: int, tmp_path: Path, kills: int, seed: int, max_delay: float
+) -> None:
+    """Kill, restart with `latest`, repeat; then finish: the result must be the uninterrupted run's, bit for bit.
+
+    Each run is killed up to `max_delay` seconds after it trains a step: long enough to get past a checkpoint
+    now and then, short enough that `steps` are not finished before the last kill.
+    """
     rng = random.Random(seed)
     out = tmp_path / "out"
     args = base_args(
-        tiny_dataset, out, "--steps", str(STRAIGHT_STEPS), "--image_transforms.enable=true", "--save_freq", "2",
+        tiny_dataset, out, "--steps", str(steps), "--image_transforms.enable=true", "--save_freq", "2",
         "--resume_from_checkpoint", "latest", "--push_to_hub=true", "--hub_repo_id", "test-user/chaos",
     )  # fmt: skip
     with HubServer() as hub:
@@ -128,8 +134,7 @@ def chaos(tiny_dataset: Path, straight: Path, tmp_path: Path, kills: int, seed: 
         logs = []
         for _ in range(kills):
             valid_before = [s for s, p in ckpt.list_checkpoints(out) if ckpt.verify(p) is None]
-            # Up to ~3 steps in a run of 5 kills; shorter with more kills, or the 16 steps finish before the last.
-            code, stderr = run_and_kill(args, env, out / "metrics.jsonl", delay=rng.uniform(0.0, 7.5 / kills))
+            code, stderr = run_and_kill(args, env, out / "metrics.jsonl", delay=rng.uniform(0.0, max_delay))
             logs.append(stderr)
             check_resumed_from_newest_valid(stderr, valid_before)
             assert code == -signal.SIGKILL, f"the run ended with {code} before its kill: {stderr[-2000:]}"
@@ -138,7 +143,7 @@ def chaos(tiny_dataset: Path, straight: Path, tmp_path: Path, kills: int, seed: 
         logs.append(stderr)
         assert code == 0, stderr[-3000:]
         check_resumed_from_newest_valid(stderr, valid_before)
-        assert same_weights(out / "model.safetensors", straight / "model.safetensors")
+        assert same_weights(out / "model.safetensors", reference / "model.safetensors")
         assert all(ckpt.verify(p) is None for _, p in ckpt.list_checkpoints(out))
         secret = hub.token.encode()  # the token is in no output: checkpoints, configs, metrics, logs, cache
         for path in [*out.rglob("*"), *(tmp_path / "home").rglob("*")]:
@@ -154,9 +159,12 @@ def chaos(tiny_dataset: Path, straight: Path, tmp_path: Path, kills: int, seed: 
 
 
 def test_chaos(tiny_dataset: Path, straight: Path, tmp_path: Path) -> None:
-    chaos(tiny_dataset, straight, tmp_path, kills=5, seed=0)
+    chaos(tiny_dataset, straight, STRAIGHT_STEPS, tmp_path, kills=5, seed=0, max_delay=1.5)
 
 
 @pytest.mark.slow
-def test_chaos_long(tiny_dataset: Path, straight: Path, tmp_path: Path) -> None:
-    chaos(tiny_dataset, straight, tmp_path, kills=50, seed=1)
+def test_chaos_long(tiny_dataset: Path, tmp_path: Path) -> None:
+    """50 kills over an 80-step run (its own uninterrupted reference), so they spread over many checkpoints."""
+    reference = tmp_path / "reference"
+    assert_ok(run_cli(base_args(tiny_dataset, reference, "--steps", "80", "--image_transforms.enable=true")))
+    chaos(tiny_dataset, reference, 80, tmp_path, kills=50, seed=1, max_delay=1.0)

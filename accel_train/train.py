@@ -1,10 +1,11 @@
 """Train a LeRobot policy with Hugging Face Accelerate, checkpointing and resuming without losing work.
 
-    python accel_train/train.py --output_dir OUT --dataset_id REPO_ID [--dataset_root DIR] \
+    python accel_train/train.py --output_dir OUT --dataset_id REPO_ID [--dataset_root DIR] \\
         [--resume_from_checkpoint OUT/checkpoint-5000 | latest] [--policy.type=act --policy.<field>=...]
 
 The same command runs under `accelerate launch`, `torchrun` and as `accel-train`; `train(**kwargs)` takes every
-option as a keyword argument.
+option as a keyword argument. `accel-train plot OUT`, `accel-train checkpoints OUT|hf://USER/REPO` and
+`accel-train export CKPT DIR` look at a run's output.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ class Row:
 def local_rows(output_dir: Path) -> list[Row]:
     if not output_dir.is_dir():
         raise TrainError(f"{output_dir} is not a folder.")
-    checkpoints = [(step_of(p), p) for p in sorted(output_dir.iterdir()) if step_of(p) is not None]
+    checkpoints = ckpt.list_checkpoints(output_dir)
     remote = _remote_names(checkpoints[-1][1]) if checkpoints else None
     rows = []
-    for step, path in sorted(checkpoints):
+    for step, path in checkpoints:
         problem = ckpt.verify(path)
         manifest = path / ckpt.MANIFEST_FILE
         rows.append(
@@ -49,10 +49,6 @@ def local_rows(output_dir: Path) -> list[Row]:
             )
         )
     return rows
-
-
-def step_of(path: Path) -> int | None:
-    return ckpt.step_from_name(path) if path.is_dir() else None
 
 
 def _remote_names(newest: Path) -> set[str] | str:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from accel_train import checkpoint as ckpt
 from accel_train import config as config_
@@ -109,7 +110,7 @@ def run(args: list[str]) -> TrainerState:
     dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
     train_episodes, val_episodes = split_episodes(dataset.meta.total_episodes, cfg.val_episodes, cfg.seed)
     order = make_order(dataset, cfg.policy, cfg.seed, train_episodes)
-    validator = make_validator(cfg, accelerator, val_episodes)
+    validator = make_validator(cfg, accelerator, dataset, val_episodes)
 
     # 3. Policy, processors, optimizer: fresh, or from the checkpoint.
     policy = build_policy(cfg, dataset)
@@ -119,7 +120,7 @@ def run(args: list[str]) -> TrainerState:
     preprocessor, postprocessor = build_processors(cfg.policy, dataset, source)
     optimizer, scheduler = build_optimizer(cfg, policy)
     sharded = accelerator.distributed_type == DistributedType.FSDP
-    names = ckpt.parameter_names(policy, optimizer)
+    names = ckpt.parameter_names(policy, optimizer) if sharded else []
     if resume is not None and not sharded:
         ckpt.load_optimizer_and_scheduler(resume, optimizer, scheduler)
     state = continue_state(cfg, accelerator, start_step, start_state, len(order))
@@ -415,12 +416,16 @@ def reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, kee
     return new
 
 
-def make_validator(cfg: TrainConfig, accelerator: Accelerator, episodes: list[int]) -> Validator | None:
-    """Validation on the held-out episodes, from a second view of the dataset without augmentation."""
+def make_validator(
+    cfg: TrainConfig, accelerator: Accelerator, dataset: LeRobotDataset, episodes: list[int]
+) -> Validator | None:
+    """Validation on the held-out episodes, from the training dataset, or when that augments images, from a
+    second view of it without augmentation."""
     if not episodes:
         return None
-    no_augmentation = dataclasses.replace(cfg.image_transforms, enable=False)
-    dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, no_augmentation, cfg.video_backend)
+    if cfg.image_transforms.enable:
+        no_augmentation = dataclasses.replace(cfg.image_transforms, enable=False)
+        dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, no_augmentation, cfg.video_backend)
     frames = held_out_frames(dataset, cfg.policy, episodes, cfg.val_max_samples)
     log.info("Validation on %d frames of held-out episodes %s", len(frames), episodes)
     return Validator(dataset, frames, cfg.batch_size, cfg.num_workers, accelerator, cfg.seed)

@@ -508,6 +508,8 @@ def export(checkpoint: Path, dest: Path) -> list[Path]:
     no model in memory (under FSDP none holds all the weights). Staged in a temporary folder, then moved file
     by file, so no file in `dest` is ever half-written.
     """
+    if not checkpoint.is_dir():
+        raise TrainError(f"Cannot export {checkpoint}: there is no such checkpoint folder.")
     problem = verify(checkpoint) if (checkpoint / MANIFEST_FILE).is_file() else None
     missing = [name for name in EXPORT_COPIES if not (checkpoint / name).is_file()]
     if problem or missing:

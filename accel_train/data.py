@@ -188,10 +188,10 @@ def split_episodes(num_episodes: int, val_episodes: float, seed: int) -> tuple[l
         return list(range(num_episodes)), []
     count = max(1, round(val_episodes * num_episodes)) if val_episodes < 1 else int(val_episodes)
     if val_episodes >= 1 and val_episodes != count:
-        raise TrainError(f"--val_episodes {val_episodes}: give a fraction below 1 or a whole number of episodes.")
+        raise TrainError(f"--val_episodes {val_episodes:g}: give a fraction below 1 or a whole number of episodes.")
     if count >= num_episodes:
         raise TrainError(
-            f"--val_episodes {val_episodes} holds out {count} of the dataset's {num_episodes} episodes, "
+            f"--val_episodes {val_episodes:g} holds out {count} of the dataset's {num_episodes} episodes, "
             "leaving none to train on."
         )
     held_out = sorted(np.random.default_rng(seed).choice(num_episodes, size=count, replace=False).tolist())

@@ -15,12 +15,16 @@ Layout of `OUT/checkpoint-<step>/` (the spec's four files first):
 A checkpoint is written under `.tmp-checkpoint-<step>`, flushed to disk, and renamed only when complete, so a
 folder named `checkpoint-<step>` is never half-written. Nothing read from a checkpoint is unpickled.
 
+Training waits only while the state is copied to CPU memory (`StateSnapshot`); serialising, flushing, hashing
+and publishing it run in a background thread.
+
 The RNG needs no file: the trainer re-seeds from (seed, step, rank) at every step and every sample's
 augmentation from (seed, epoch, position), so the random streams after step K are the same in a resumed run.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -121,6 +125,20 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple:
+    """Equal for tensors that are the same memory (tied weights under several names)."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One name per tied tensor, the alphabetically first, as safetensors' save_model keeps."""
+    first: dict[tuple, str] = {}
+    for name in sorted(state_dict):
+        first.setdefault(_alias_key(state_dict[name]), name)
+    kept = set(first.values())
+    return {name: tensor for name, tensor in state_dict.items() if name in kept}
 
 
 def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
@@ -259,7 +277,8 @@ def load_policy_weights(policy: PreTrainedPolicy, checkpoint: Path) -> None:
         raise TrainError(f"{path} is not a valid safetensors file ({error}); the checkpoint is damaged.") from None
     names = set(shapes)
     expected = policy.state_dict()
-    missing = sorted(set(expected) - names)
+    saved = {_alias_key(expected[name]) for name in names & set(expected)}
+    missing = sorted(n for n in set(expected) - names if _alias_key(expected[n]) not in saved)  # not tied ones
     unexpected = sorted(names - set(expected))
     if missing or unexpected:
         raise TrainError(
@@ -346,6 +365,58 @@ def load_sharded_optimizer(
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
+class StateSnapshot:
+    """A checkpoint's policy weights and optimizer state, copied into CPU buffers that are reused from one
+    checkpoint to the next (pinned when the state is on a GPU, so the copy is one DMA per tensor).
+
+    Taking it is a memory copy; serialising it (safetensors, torch.save) is the slow part, left to the writer
+    thread while training goes on. The price: host memory for one checkpoint's tensors, for the whole run
+    (`--async_checkpoint false` does without).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._copied: torch.cuda.Event | None = None
+        self.policy: dict[str, torch.Tensor] = {}
+        self.optimizer: dict[str, Any] = {}
+
+    def _copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        if tensor.is_cuda and self._copied is None:
+            self._copied = torch.cuda.Event()
+        return buffer
+
+    def take_policy(self, policy: torch.nn.Module) -> None:
+        self._copied = None
+        weights = unique_tensors(policy.state_dict())
+        self.policy = {name: self._copy(f"policy/{name}", tensor) for name, tensor in weights.items()}
+
+    def take_optimizer(self, state_dict: dict[str, Any]) -> None:
+        """After take_policy, in the same save."""
+        self.optimizer = {
+            "state": {
+                index: {
+                    key: self._copy(f"optimizer/{index}/{key}", value) if torch.is_tensor(value) else value
+                    for key, value in values.items()
+                }
+                for index, values in state_dict["state"].items()
+            },
+            "param_groups": copy.deepcopy(state_dict["param_groups"]),
+        }
+        if self._copied is not None:  # marks the end of the copies queued on the GPU
+            self._copied.record()
+
+    def write(self, folder: Path) -> None:
+        """In the writer thread: the same files a synchronous save writes."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        save_file(self.policy, folder / POLICY_FILE, metadata={"format": "pt"})
+        torch.save(self.optimizer, folder / OPTIMIZER_FILE)
+
+
 class Checkpointer:
     """Writes checkpoints through Accelerate's save_state, on every rank, with our files from its save hook."""
 
@@ -356,6 +427,8 @@ class Checkpointer:
         preprocessor: PolicyProcessorPipeline,
         postprocessor: PolicyProcessorPipeline,
         train_config: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        asynchronous: bool = True,
     ):
         self.accelerator = accelerator
         self.output_dir = output_dir
@@ -366,7 +439,13 @@ class Checkpointer:
         self._writer: threading.Thread | None = None
         self._background_failure: tuple[int, str] | None = None
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        self.asynchronous = asynchronous
+        # Under FSDP, save_state gathers the shards itself (collectives, in the foreground): nothing to snapshot.
+        self.snapshot = StateSnapshot() if asynchronous and not self.sharded else None
+        self._taking = False
         accelerator.register_save_state_pre_hook(self._save_hook)
+        if self.snapshot is not None:
+            optimizer.register_state_dict_post_hook(self._take_optimizer)
 
     def _save_hook(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
         """Write the policy and processors ourselves, in lerobot's formats, instead of Accelerate's model file.
@@ -378,13 +457,30 @@ class Checkpointer:
         weights.clear()
         if not self.accelerator.is_main_process:
             return
+        policy = self.accelerator.unwrap_model(models[0])
         try:
-            self._write_policy_files(Path(output_dir), self.accelerator.unwrap_model(models[0]))
+            if self.snapshot is not None:
+                self.snapshot.take_policy(policy)
+            self._write_policy_files(Path(output_dir), policy)
         except OSError as error:  # reported by save() after the barrier, so that no rank is left waiting
             self._error = error
 
+    def _take_optimizer(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        """Optimizer state_dict post-hook, active only inside save(): the state goes into the snapshot, and
+        save_state gets only the param_groups, so the optimizer.bin it writes in the foreground is a few KB
+        instead of twice the policy. The writer thread replaces that file by optimizer_state.pth.
+
+        Why a hook: save_state serialises every prepared optimizer before it returns and has no option to leave
+        one out; torch's state_dict post-hook is the public place between it and the tensors.
+        """
+        if not self._taking:
+            return None
+        if self.accelerator.is_main_process:
+            self.snapshot.take_optimizer(state_dict)
+        return {"state": {}, "param_groups": state_dict["param_groups"]}
+
     def _write_policy_files(self, folder: Path, policy: PreTrainedPolicy) -> None:
-        if not self.sharded:
+        if not self.sharded and self.snapshot is None:
             save_model(policy, str(folder / POLICY_FILE))
         policy.config._save_pretrained(folder)
         self.preprocessor.save_pretrained(folder, config_filename=PREPROCESSOR_FILE)
@@ -395,11 +491,13 @@ class Checkpointer:
     def save(self, state: TrainerState, on_published: Callable[[Path], None] | None = None) -> Path:
         """Write checkpoint-<step>; every rank must call it (save_state and barriers are collective).
 
-        Training is blocked only while save_state serialises the state into `.tmp-checkpoint-<step>` (into the
-        page cache). Flushing it to disk, hashing it into the manifest and the rename that publishes the folder
-        run in a background thread of the main process, which then calls `on_published(folder)` (Hub push,
-        pruning). One write is in flight at a time: the next save, or `wait()`, first waits for it, so a slow
-        disk holds training back instead of piling up copies.
+        Training is blocked only while save_state runs with the snapshot hooks: the policy and optimizer tensors
+        are copied to CPU memory, the small files (processors, configs, scheduler) written to
+        `.tmp-checkpoint-<step>`. Serialising the snapshot, flushing to disk, hashing into the manifest and the
+        rename that publishes the folder run in a background thread of the main process, which then calls
+        `on_published(folder)` (Hub push, pruning). One write is in flight at a time: the next save, or `wait()`,
+        first waits for it, so a slow disk holds training back instead of piling up copies. Synchronous
+        (`asynchronous=False`), all of it happens before save() returns.
 
         A failed write (disk full, I/O error) on any rank, now or in the background, stops every rank with one
         clear error (at this save, or at the next save or wait), removes the partial folder and leaves the
@@ -412,19 +510,26 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._state, self._error = state, None
+        self._taking = self.snapshot is not None
         try:
             self.accelerator.save_state(str(tmp))
         except OSError as error:  # Accelerate's own files (optimizer, scheduler, RNG) failed to write
             self._error = error
+        finally:
+            self._taking = False
         self.accelerator.wait_for_everyone()  # save_state has no barrier of its own: all ranks' files are in
         errors = [e for e in gather_object([str(self._error) if self._error else None]) if e]
         if errors:
             self._fail(state.step, errors[0], tmp)
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and self.asynchronous:
             self._writer = threading.Thread(
                 target=self._publish, args=(tmp, final, on_published), name=f"write-{final.name}"
             )
             self._writer.start()
+        elif self.accelerator.is_main_process:
+            self._publish(tmp, final, on_published)
+        if not self.asynchronous:
+            self.wait()  # a failed write stops every rank now
         return final
 
     def wait(self) -> None:
@@ -442,9 +547,10 @@ class Checkpointer:
         """The background half of a save (main process): flush, manifest, rename; then the callback."""
         try:
             self._finalize(tmp, final)
-        except OSError as error:
+        except Exception as error:  # a thread's exception would vanish: every rank raises it at the next wait()
             shutil.rmtree(tmp, ignore_errors=True)
-            self._background_failure = (step_from_name(final), str(error))
+            described = str(error) if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
+            self._background_failure = (step_from_name(final), described)
             return
         log.info("Saved %s", final)
         if on_published is not None:
@@ -467,6 +573,9 @@ class Checkpointer:
         """Accelerate's files under our names, the manifest last, then the rename that publishes the folder."""
         if self.sharded:
             consolidate_fsdp_files(tmp)
+        if self.snapshot is not None:
+            (tmp / "optimizer.bin").unlink()  # save_state's stand-in with param_groups only (_take_optimizer)
+            self.snapshot.write(tmp)
         for theirs, ours in ACCELERATE_FILES.items():
             if (tmp / theirs).exists():
                 (tmp / theirs).rename(tmp / ours)

@@ -66,6 +66,9 @@ class TrainConfig:
     log_freq: int = 100
     # Keep only the newest K complete checkpoints locally (never one still uploading or the one resumed from).
     save_total_limit: int | None = None
+    # Copy each checkpoint's tensors to CPU memory and write them in the background (host RAM: one checkpoint);
+    # false: training waits until the checkpoint is on disk.
+    async_checkpoint: bool = True
     seed: int = 1000
     # Hold out episodes for validation: a fraction (0.2) or a count (2); 0 trains on every episode.
     val_episodes: float = 0

@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,9 @@ def run(args: list[str]) -> TrainerState:
     batches = TimedBatches(make_dataloader(dataset, sampler, cfg.num_workers, accelerator.device.type == "cuda"))
 
     train_config = cfg.to_dict()
-    checkpointer = Checkpointer(accelerator, output_dir, preprocessor, postprocessor, train_config)
+    checkpointer = Checkpointer(
+        accelerator, output_dir, preprocessor, postprocessor, train_config, optimizer.optimizer, cfg.async_checkpoint
+    )
     pusher = None
     if cfg.push_to_hub and accelerator.is_main_process:
         pusher = HubPusher(cfg.hub_repo_id, cfg.hub_revision, cfg.hub_private, cfg.hub_keep_last, cfg.hub_retries)
@@ -168,7 +170,7 @@ def run(args: list[str]) -> TrainerState:
     eval_freq = cfg.eval_freq or cfg.save_freq
     window_loss, window_steps = torch.zeros((), device=accelerator.device), 0
     window_start = time.perf_counter()
-    with PreemptionWatch(accelerator) as preemption:
+    with PreemptionWatch(accelerator) as preemption, closing(metrics):  # the bar is closed before any error
         policy.train()
         while state.step < cfg.steps:
             loss, grad_norm = train_step(
@@ -222,7 +224,6 @@ def run(args: list[str]) -> TrainerState:
             baseline,
             baseline / error,
         )
-    metrics.close()
     checkpointer.wait()
     if accelerator.is_main_process:
         final_files = ckpt.export(output_dir / f"checkpoint-{state.step}", output_dir)
@@ -247,7 +248,6 @@ def stop_for_preemption(
     on_published: Callable[[Path], None],
 ) -> None:
     """Checkpoint the step just finished (all ranks agree on it), push it within a bounded wait, exit 75."""
-    metrics.close()
     checkpointer.wait()
     path = cfg.output_dir / f"checkpoint-{state.step}"
     if not path.is_dir():

@@ -1,6 +1,7 @@
-"""How long training is blocked per checkpoint: the trainer as it runs (`--mode async`: the write is finished
-in the background) vs a synchronous save of the same state (`--mode sync`: each save also waits for its write
-to be published). Times every Checkpointer.save call of a short demo run.
+"""How long training is blocked per checkpoint: the trainer as it runs (`--mode async`: the state is copied to
+CPU memory and written in the background) vs a synchronous save of the same state (`--mode sync`, i.e.
+`--async_checkpoint false`: save() returns once the checkpoint is published). Times every Checkpointer.save
+call of a short demo run.
 
     python benchmarks/checkpoint_stall.py --mode async|sync --dataset_root DIR --output_dir DIR
                                                                   prints {"mean_s": ..., "saves": N}
@@ -34,15 +35,14 @@ def main() -> None:
     def timed_save(self: checkpoint.Checkpointer, state: checkpoint.TrainerState, *rest, **named) -> Path:
         start = time.perf_counter()
         path = save(self, state, *rest, **named)
-        if args.mode == "sync":
-            self.wait()
         durations.append(time.perf_counter() - start)
         return path
 
     checkpoint.Checkpointer.save = timed_save
     demo = str(REPO / "configs" / "demo.yaml")
     train(config=demo, dataset_root=str(args.dataset_root), demo_dataset=False, output_dir=str(args.output_dir),
-          steps=24, save_freq=4, log_freq=4, val_episodes=0, num_workers=1)  # fmt: skip
+          steps=24, save_freq=4, log_freq=4, val_episodes=0, num_workers=1,
+          async_checkpoint=args.mode == "async")  # fmt: skip
     # The last save is followed by the end-of-run wait in both modes: steady-state saves only.
     print(json.dumps({"mean_s": statistics.mean(durations[:-1]), "saves": len(durations) - 1}))
 

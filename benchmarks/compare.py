@@ -179,8 +179,9 @@ def throughput(work: Workload, data: Path, tmp: Path, pairs: int, steps: int) ->
             [sys.executable, str(REPO / "benchmarks" / "bare_loop.py"), "--dataset_root", str(data), "--steps", "30"],
             cwd=REPO, capture_output=True, text=True, check=True,
         )  # fmt: skip
-        rows["bare"].append(json.loads(bare.stdout.splitlines()[-1])["samples_per_s"])
-        print(f"pair {pair} bare loop: {rows['bare'][-1]:.2f} samples/s", flush=True)
+        measured = json.loads(bare.stdout.splitlines()[-1])
+        rows["bare"].append((measured["samples_per_s"], measured["load_cpu_s_per_batch"], measured["busy_cores"]))
+        print(f"pair {pair} bare loop: {rows['bare'][-1][0]:.2f} samples/s", flush=True)
     return rows
 
 
@@ -246,7 +247,7 @@ def breakdown(rows: dict) -> str:
             f"| {max(r[2] for r in runs):.0f} MiB |"
         )
     if rows["bare"]:
-        lines.append(f"| bare loop (pre-loaded batches) | {', '.join(f'{r:.1f}' for r in rows['bare'])} | 0% | |")
+        lines.append(f"| bare loop (pre-loaded batches) | {', '.join(f'{r[0]:.1f}' for r in rows['bare'])} | 0% | |")
     return "\n".join(lines)
 
 
@@ -303,8 +304,13 @@ Throughput, ours / lerobot-train 0.6.1: **{ratio:.2f}x** ({ours_sps:.1f} vs {ler
         from hub_upload_stall import measure
 
         hub = measure(steps=120, save_freq=20)
-        bare_sps = statistics.mean(rows["bare"])
+        bare_sps = statistics.mean(r[0] for r in rows["bare"])
         overhead = bare_sps / ours_sps  # our step time / bare step time
+        # CPU budget: the loader's work per batch comes out of the same cores the compute uses.
+        load_cpu_s = statistics.mean(r[1] for r in rows["bare"])
+        busy_cores = statistics.mean(r[2] for r in rows["bare"])
+        cores = os.cpu_count() or 1
+        bound = 1 + load_cpu_s / (cores * BATCH / bare_sps)
         stall = statistics.mean(stall_blocked) / statistics.mean(stall_sync)
         startup = statistics.mean(resumed) / statistics.mean(fresh)
         pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
@@ -312,8 +318,8 @@ Throughput, ours / lerobot-train 0.6.1: **{ratio:.2f}x** ({ours_sps:.1f} vs {ler
         targets = [
             ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.1f} vs "
              f"{lerobot_sps:.1f} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
-            ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s)",
-             verdict(overhead, 1.10, False)),
+            ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s; "
+             f"CPU budget alone: {bound:.2f}x, see below)", verdict(overhead, 1.10, False)),
             ("blocked per checkpoint / synchronous save", "<= 25%", f"**{stall:.0%}** ({blocked_s:.3f} s vs "
              f"{sync_s:.3f} s)", verdict(stall, 0.25, False)),
             ("samples/s during a Hub upload / without", ">= 0.95x", f"**{hub['ratio']:.2f}x** ({hub['during']:.1f} vs "
@@ -336,6 +342,13 @@ Throughput, ours / lerobot-train 0.6.1: **{ratio:.2f}x** ({ours_sps:.1f} vs {ler
 
 {NOTES} Checkpoint: {len(stall_blocked)} runs of each kind, 5 saves each, ~130 MB
 checkpoints. Resume start-up: from process launch to the first step's log line, Python and torch imports included.
+
+What bounds the overhead ratio here, the CPU budget: producing one batch (decoding 3 videos x {BATCH} frames,
+collating) costs {load_cpu_s:.3f} CPU-seconds, measured in the bare-loop process; a bare step takes
+{BATCH / bare_sps:.3f} s and keeps {busy_cores:.1f} of the {cores} cores busy. When the compute keeps every core
+busy, each CPU-second of loading is taken from it, however well loading overlaps compute: a step of bare +
+load / cores, {bound:.2f}x the bare loop, for any trainer that loads its data on these cores. On a GPU machine
+the compute leaves the CPU and this term goes to zero.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -13,17 +13,25 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, STRAIGHT_STEPS, TRAIN, assert_ok, base_args, run_cli, same_weights
 from hub_server import HubServer
 
 from accel_train import checkpoint as ckpt
 from accel_train.train import main
 
+# How the policy file is written: from the snapshot in the writer thread, or from the live policy in save().
+POLICY_WRITER = {"true": "save_file", "false": "save_model"}
 
-def test_disk_full_during_a_checkpoint_write(monkeypatch, capsys, tiny_dataset: Path, tmp_path: Path) -> None:
-    """The write of checkpoint-4 fails: a clear error, checkpoint-2 stays valid, and the run resumes from it."""
+
+@pytest.mark.parametrize("asynchronous", ["true", "false"])
+def test_disk_full_during_a_checkpoint_write(
+    monkeypatch, capsys, tiny_dataset: Path, tmp_path: Path, asynchronous: str
+) -> None:
+    """The write of checkpoint-4 fails: a clear error, checkpoint-2 stays valid, and the run resumes from it.
+    In the background, the failure stops the run at its next save."""
     out = tmp_path / "out"
-    real_save = ckpt.save_model
+    real_save = getattr(ckpt, POLICY_WRITER[asynchronous])
     calls = []
 
     def save_then_fail(model, filename, *args, **kwargs):
@@ -32,20 +40,48 @@ def test_disk_full_during_a_checkpoint_write(monkeypatch, capsys, tiny_dataset: 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(model, filename, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_model", save_then_fail)
-    assert main(base_args(tiny_dataset, out, "--steps", "6", "--save_freq", "2")) == 1
+    monkeypatch.setattr(ckpt, POLICY_WRITER[asynchronous], save_then_fail)
+    flags = ["--steps", "6", "--save_freq", "2", f"--async_checkpoint={asynchronous}"]
+    assert main(base_args(tiny_dataset, out, *flags)) == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "Writing checkpoint-4 failed ([Errno 28] No space left on device)" in message
     assert "checkpoint-2, is intact" in message and "--resume_from_checkpoint latest" in message
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
     assert ckpt.verify(out / "checkpoint-2") is None and not list(out.glob(".tmp-*"))
 
-    monkeypatch.setattr(ckpt, "save_model", real_save)
-    assert (
-        main(base_args(tiny_dataset, out, "--steps", "6", "--save_freq", "2", "--resume_from_checkpoint", "latest"))
-        == 0
-    )
+    monkeypatch.setattr(ckpt, POLICY_WRITER[asynchronous], real_save)
+    assert main(base_args(tiny_dataset, out, *flags, "--resume_from_checkpoint", "latest")) == 0
     assert "Resumed from" in capsys.readouterr().err and (out / "checkpoint-6").is_dir()
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_step(
+    monkeypatch, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Training goes on while the writer thread serialises a checkpoint from its snapshot: each checkpoint
+    must equal a synchronous save at the same step, tensor for tensor (policy, optimizer, scheduler). A slow
+    disk (the write starts 1.5 s late, after 2 more optimizer steps) makes any tensor not copied show."""
+    write = ckpt.StateSnapshot.write
+
+    def slow_write(self: ckpt.StateSnapshot, folder: Path) -> None:
+        time.sleep(1.5)
+        write(self, folder)
+
+    monkeypatch.setattr(ckpt.StateSnapshot, "write", slow_write)
+    for mode in ("true", "false"):
+        flags = ["--steps", "6", "--save_freq", "2", f"--async_checkpoint={mode}"]
+        assert main(base_args(tiny_dataset, tmp_path / mode, *flags)) == 0
+    for step in (2, 4, 6):
+        background, synchronous = (tmp_path / mode / f"checkpoint-{step}" for mode in ("true", "false"))
+        assert sorted(p.name for p in background.iterdir()) == sorted(p.name for p in synchronous.iterdir())
+        assert ckpt.verify(background) is None
+        assert same_weights(background / ckpt.POLICY_FILE, synchronous / ckpt.POLICY_FILE), step
+        ours, theirs = (ckpt.load_tensors(folder / ckpt.OPTIMIZER_FILE) for folder in (background, synchronous))
+        assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
+        for index, values in theirs["state"].items():
+            assert all(torch.equal(ours["state"][index][key], value) for key, value in values.items()), (step, index)
+        scheduler = ckpt.SCHEDULER_FILE
+        if (synchronous / scheduler).exists():
+            assert ckpt.load_tensors(background / scheduler) == ckpt.load_tensors(synchronous / scheduler)
 
 
 def test_leftovers_of_a_crash_are_cleaned_and_never_taken(capsys, trained: Path, tiny_dataset: Path, tmp_path: Path):

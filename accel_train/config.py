@@ -209,8 +209,11 @@ def _draccus_parse(args: list[str], config_path: Path | None) -> TrainConfig:
     stderr = io.StringIO()
     policies_logger = logging.getLogger("lerobot.configs.policies")
     level = policies_logger.level
-    # The policy config warns about its (not yet chosen) device while parsing; the trainer picks the device.
+    # The policy config warns about its (not yet chosen) device while parsing, through its own logger and through
+    # lerobot's device_utils on the root logger ("No accelerated backend detected"); the trainer picks the device.
     policies_logger.setLevel(logging.ERROR)
+    root = logging.getLogger()
+    root.addFilter(_no_device_guess)
     try:
         with contextlib.redirect_stderr(stderr):
             return draccus.parse(TrainConfig, config_path=config_path, args=args)
@@ -226,6 +229,11 @@ def _draccus_parse(args: list[str], config_path: Path | None) -> TrainConfig:
         raise UsageError(f"Invalid configuration: {message}.") from None
     finally:
         policies_logger.setLevel(level)
+        root.removeFilter(_no_device_guess)
+
+
+def _no_device_guess(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No accelerated backend detected")
 
 
 def print_help() -> None:

@@ -40,7 +40,8 @@ def choose_video_backend(requested: str | None = None) -> str:
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401
     except Exception as error:  # missing wheel, or the FFmpeg shared libraries do not load
-        log.info("Video decoding with PyAV (torchcodec unavailable: %s)", str(error).splitlines()[0])
+        reason = str(error).splitlines()[0].removesuffix(" Likely causes:").rstrip(".")
+        log.info("Video decoding with PyAV (torchcodec unavailable: %s; it needs FFmpeg's shared libraries)", reason)
         return "pyav"
     return "torchcodec"
 

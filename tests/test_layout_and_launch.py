@@ -118,6 +118,7 @@ def test_launchers(launcher: list[str], tiny_dataset: Path, tmp_path: Path) -> N
     assert state["num_processes"] == processes and state["samples_seen"] == 2 * 4 * processes
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert ckpt.verify(out / "checkpoint-2") is None
+    assert "WARNING" not in result.stderr and "Traceback" not in result.stderr  # e.g. lerobot's device guess
 
 
 def test_resume_from_a_four_file_checkpoint_of_the_spec(trained: Path, tiny_dataset: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,12 +75,19 @@ def test_bf16_trains_on_cpu(tiny_dataset: Path, tmp_path: Path) -> None:
     assert load_file(out / "policy.safetensors")["model.action_head.weight"].dtype == torch.float32  # fp32 master
 
 
-def test_two_processes_resume_exactly(tiny_dataset: Path, tmp_path: Path) -> None:
-    """torchrun with 2 processes (gloo): 6 steps straight == 5 steps + resume to 6, bit for bit."""
+def test_two_processes_resume_exactly_and_on_one_process(tiny_dataset: Path, tmp_path: Path) -> None:
+    """torchrun with 2 processes (gloo): 6 steps straight == 5 steps + resume to 6, bit for bit. Then the
+    step-5 checkpoint resumed by 1 process: same step and samples seen, the epoch's seen samples are not fed
+    again, and a warning."""
     common = ["--batch_size", "4", "--save_freq", "5", "--num_workers", "0"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert_ok(run_cli(base_args(tiny_dataset, straight, "--steps", "6", *common), TORCHRUN))
+    straight, resumed, single = tmp_path / "straight", tmp_path / "resumed", tmp_path / "single"
+    first = run_cli(base_args(tiny_dataset, straight, "--steps", "6", *common), TORCHRUN)
+    assert_ok(first)
+    assert "Effective batch 8 = 4 per device x 2 processes" in first.stderr
+    assert "WARNING" not in first.stderr and "Traceback" not in first.stderr
+    assert [step for step, _ in losses(straight)] == list(range(1, 7))  # one record per step, from rank 0 only
     assert_ok(run_cli(base_args(tiny_dataset, resumed, "--steps", "5", *common), TORCHRUN))
+    shutil.copytree(resumed, single)
     second = run_cli(base_args(tiny_dataset, resumed, "--steps", "6", *common, "--resume_from_checkpoint", "latest"),
                      TORCHRUN)  # fmt: skip
     assert_ok(second)
@@ -87,18 +95,13 @@ def test_two_processes_resume_exactly(tiny_dataset: Path, tmp_path: Path) -> Non
     assert losses(resumed) == losses(straight)
     assert same_weights(resumed / "model.safetensors", straight / "model.safetensors")
 
-
-def test_resume_with_another_number_of_processes(tiny_dataset: Path, tmp_path: Path) -> None:
-    """2 processes -> 1: same step and samples seen, the epoch's seen samples are not fed again, and a warning."""
-    out = tmp_path / "out"
-    assert_ok(run_cli(base_args(tiny_dataset, out, "--steps", "3", "--batch_size", "4", "--save_freq", "3"), TORCHRUN))
-    again = run_cli(base_args(tiny_dataset, out, "--steps", "5", "--batch_size", "4", "--resume_from_checkpoint",
-                              "latest"))  # fmt: skip
+    again = run_cli(base_args(tiny_dataset, single, "--steps", "7", *common, "--resume_from_checkpoint", "latest"))
     assert_ok(again)
     assert "num_processes (2 -> 1)" in again.stderr and "no longer bit-identical" in again.stderr
-    assert "at step 3 (epoch 0, sample 24)" in again.stderr
-    state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
-    assert state["samples_seen"] == 3 * 8 + 2 * 4 and state["data"] == {"epoch": 0, "sample": 32}
+    assert "at step 5 (epoch 0, sample 40)" in again.stderr
+    state = json.loads((single / "checkpoint-7" / "trainer_state.json").read_text())
+    assert state["samples_seen"] == 5 * 8 + 2 * 4 and state["data"] == {"epoch": 0, "sample": 48}
+    assert state["num_processes"] == 1
 
 
 def free_port() -> int:

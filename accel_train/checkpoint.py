@@ -45,7 +45,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from lerobot.policies import PreTrainedPolicy
 from lerobot.processor import PolicyProcessorPipeline
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import _remove_duplicate_names, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from accel_train.data import DataPosition
@@ -127,18 +127,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _alias_key(tensor: torch.Tensor) -> tuple:
-    """Equal for tensors that are the same memory (tied weights under several names)."""
-    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+def tied_names(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{dropped name: kept name} for weights tied under several names: the choice save_model makes.
 
-
-def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One name per tied tensor, the alphabetically first, as safetensors' save_model keeps."""
-    first: dict[tuple, str] = {}
-    for name in sorted(state_dict):
-        first.setdefault(_alias_key(state_dict[name]), name)
-    kept = set(first.values())
-    return {name: tensor for name, tensor in state_dict.items() if name in kept}
+    safetensors' `_remove_duplicate_names` is what `save_model` calls; it has no public twin, and the snapshot and
+    the loader must choose exactly as save_model does for their files to match its files.
+    """
+    return {dropped: kept for kept, group in _remove_duplicate_names(state_dict).items() for dropped in group}
 
 
 def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
@@ -277,8 +272,7 @@ def load_policy_weights(policy: PreTrainedPolicy, checkpoint: Path) -> None:
         raise TrainError(f"{path} is not a valid safetensors file ({error}); the checkpoint is damaged.") from None
     names = set(shapes)
     expected = policy.state_dict()
-    saved = {_alias_key(expected[name]) for name in names & set(expected)}
-    missing = sorted(n for n in set(expected) - names if _alias_key(expected[n]) not in saved)  # not tied ones
+    missing = sorted(set(expected) - names - set(tied_names(expected)))  # a tied weight is saved once
     unexpected = sorted(names - set(expected))
     if missing or unexpected:
         raise TrainError(
@@ -370,7 +364,10 @@ class StateSnapshot:
     checkpoint to the next (pinned when the state is on a GPU, so the copy is one DMA per tensor).
 
     Taking it is a memory copy; serialising it (safetensors, torch.save) is the slow part, left to the writer
-    thread while training goes on. The price: host memory for one checkpoint's tensors, for the whole run
+    thread while training goes on. The files are those of a synchronous save, except that optimizer_state.pth
+    holds CPU tensors where a GPU run's synchronous save would tag them with the GPU (loading maps them to CPU
+    either way). The price: host memory for one checkpoint's tensors, for the whole run, taken at the first save;
+    pinned buffers come from torch's host allocator, which rounds each up to a power of two
     (`--async_checkpoint false` does without).
     """
 
@@ -378,7 +375,8 @@ class StateSnapshot:
         self._buffers: dict[str, torch.Tensor] = {}
         self._copied: torch.cuda.Event | None = None
         self.policy: dict[str, torch.Tensor] = {}
-        self.optimizer: dict[str, Any] = {}
+        self.policy_metadata: dict[str, str] | None = None
+        self.optimizer: dict[str, Any] | None = None
 
     def _copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(key)
@@ -390,31 +388,45 @@ class StateSnapshot:
         return buffer
 
     def take_policy(self, policy: torch.nn.Module) -> None:
-        self._copied = None
-        weights = unique_tensors(policy.state_dict())
-        self.policy = {name: self._copy(f"policy/{name}", tensor) for name, tensor in weights.items()}
+        """First in a save (from save_state's pre-hook): starts a new snapshot."""
+        self._copied, self.optimizer = None, None
+        weights = policy.state_dict()
+        tied = tied_names(weights)
+        self.policy_metadata = tied or None  # save_model's header: {dropped: kept}, or none
+        self.policy = {name: self._copy(f"policy/{name}", t) for name, t in weights.items() if name not in tied}
 
     def take_optimizer(self, state_dict: dict[str, Any]) -> None:
-        """After take_policy, in the same save."""
+        """Tensors into the reused buffers; anything else (param_groups, nested values) deep-copied, since the
+        training thread goes on changing the optimizer while the writer serialises this."""
         self.optimizer = {
             "state": {
                 index: {
-                    key: self._copy(f"optimizer/{index}/{key}", value) if torch.is_tensor(value) else value
-                    for key, value in values.items()
+                    key: self._copy(f"optimizer/{index}/{key}", v) if torch.is_tensor(v) else copy.deepcopy(v)
+                    for key, v in values.items()
                 }
                 for index, values in state_dict["state"].items()
             },
             "param_groups": copy.deepcopy(state_dict["param_groups"]),
         }
-        if self._copied is not None:  # marks the end of the copies queued on the GPU
+
+    def mark_taken(self) -> None:
+        """After save_state (training thread): marks the end of the copies queued on the GPU stream."""
+        if self._copied is not None:
             self._copied.record()
 
     def write(self, folder: Path) -> None:
         """In the writer thread: the same files a synchronous save writes."""
+        if self.optimizer is None:
+            raise RuntimeError("the optimizer state was not captured by this save (its state_dict hook did not run)")
         if self._copied is not None:
             self._copied.synchronize()
-        save_file(self.policy, folder / POLICY_FILE, metadata={"format": "pt"})
+        save_file(self.policy, folder / POLICY_FILE, metadata=self.policy_metadata)
         torch.save(self.optimizer, folder / OPTIMIZER_FILE)
+
+
+def describe(error: Exception) -> str:
+    """For the one-line error: an OSError says what it is ("[Errno 28] No space left on device"), others not."""
+    return str(error) if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
 
 
 class Checkpointer:
@@ -435,7 +447,7 @@ class Checkpointer:
         self.preprocessor, self.postprocessor = preprocessor, postprocessor
         self.train_config = train_config
         self._state: TrainerState | None = None
-        self._error: OSError | None = None
+        self._error: Exception | None = None
         self._writer: threading.Thread | None = None
         self._background_failure: tuple[int, str] | None = None
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
@@ -462,8 +474,8 @@ class Checkpointer:
             if self.snapshot is not None:
                 self.snapshot.take_policy(policy)
             self._write_policy_files(Path(output_dir), policy)
-        except OSError as error:  # reported by save() after the barrier, so that no rank is left waiting
-            self._error = error
+        except Exception as error:  # e.g. disk full, no pinned memory: reported by save() after the barrier,
+            self._error = error  # on every rank, so that no rank is left waiting
 
     def _take_optimizer(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
         """Optimizer state_dict post-hook, active only inside save(): the state goes into the snapshot, and
@@ -476,7 +488,10 @@ class Checkpointer:
         if not self._taking:
             return None
         if self.accelerator.is_main_process:
-            self.snapshot.take_optimizer(state_dict)
+            try:
+                self.snapshot.take_optimizer(state_dict)
+            except Exception as error:  # reported by save() on every rank, as in _save_hook
+                self._error = error
         return {"state": {}, "param_groups": state_dict["param_groups"]}
 
     def _write_policy_files(self, folder: Path, policy: PreTrainedPolicy) -> None:
@@ -513,12 +528,14 @@ class Checkpointer:
         self._taking = self.snapshot is not None
         try:
             self.accelerator.save_state(str(tmp))
-        except OSError as error:  # Accelerate's own files (optimizer, scheduler, RNG) failed to write
-            self._error = error
+        except Exception as error:  # Accelerate's own files failed to write (torch.save raises RuntimeError
+            self._error = error  # on a full disk): reported on every rank below
         finally:
             self._taking = False
+        if self.snapshot is not None and self.accelerator.is_main_process:
+            self.snapshot.mark_taken()
         self.accelerator.wait_for_everyone()  # save_state has no barrier of its own: all ranks' files are in
-        errors = [e for e in gather_object([str(self._error) if self._error else None]) if e]
+        errors = [e for e in gather_object([describe(self._error) if self._error else None]) if e]
         if errors:
             self._fail(state.step, errors[0], tmp)
         if self.accelerator.is_main_process and self.asynchronous:
@@ -549,8 +566,7 @@ class Checkpointer:
             self._finalize(tmp, final)
         except Exception as error:  # a thread's exception would vanish: every rank raises it at the next wait()
             shutil.rmtree(tmp, ignore_errors=True)
-            described = str(error) if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
-            self._background_failure = (step_from_name(final), described)
+            self._background_failure = (step_from_name(final), describe(error))
             return
         log.info("Saved %s", final)
         if on_published is not None:

@@ -161,7 +161,7 @@ def lerobot_data_share(result: Run) -> float:
 
 
 def throughput(work: Workload, data: Path, tmp: Path, pairs: int, steps: int) -> dict:
-    rows: dict[str, list] = {"ours": [], "lerobot": [], "bare": []}
+    rows: dict[str, list] = {"ours": [], "lerobot": [], "bare": [], "ours_inline": []}
     for pair in range(pairs):
         order = ("ours", "lerobot") if pair % 2 == 0 else ("lerobot", "ours")
         for name in order:
@@ -180,8 +180,13 @@ def throughput(work: Workload, data: Path, tmp: Path, pairs: int, steps: int) ->
             cwd=REPO, capture_output=True, text=True, check=True,
         )  # fmt: skip
         measured = json.loads(bare.stdout.splitlines()[-1])
-        rows["bare"].append((measured["samples_per_s"], measured["load_cpu_s_per_batch"], measured["busy_cores"]))
+        rows["bare"].append((measured["samples_per_s"], measured["load_cpu_s_per_batch"], measured["busy_cores"],
+                             measured["load_s_per_batch"]))  # fmt: skip
         print(f"pair {pair} bare loop: {rows['bare'][-1][0]:.2f} samples/s", flush=True)
+        # Ours with the loading in the loop (no workers): bare step + loading + whatever the trainer adds.
+        inline = run(ours_command(work, data, tmp / f"inline-{pair}", steps // 2, "--num_workers", "0"), OUR_STEP)
+        rows["ours_inline"].append(inline.samples_per_s(BATCH))
+        print(f"pair {pair} ours, 0 workers: {rows['ours_inline'][-1]:.2f} samples/s", flush=True)
     return rows
 
 
@@ -311,6 +316,9 @@ Throughput, ours / lerobot-train 0.6.1: **{ratio:.2f}x** ({ours_sps:.1f} vs {ler
         busy_cores = statistics.mean(r[2] for r in rows["bare"])
         cores = os.cpu_count() or 1
         bound = 1 + load_cpu_s / (cores * BATCH / bare_sps)
+        bare_step, load_s = BATCH / bare_sps, statistics.mean(r[3] for r in rows["bare"])
+        inline_step = BATCH / statistics.mean(rows["ours_inline"])
+        own = (inline_step - bare_step - load_s) / bare_step  # what the trainer adds beyond compute and loading
         stall = statistics.mean(stall_blocked) / statistics.mean(stall_sync)
         startup = statistics.mean(resumed) / statistics.mean(fresh)
         pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
@@ -349,6 +357,11 @@ collating) costs {load_cpu_s:.3f} CPU-seconds, measured in the bare-loop process
 busy, each CPU-second of loading is taken from it, however well loading overlaps compute: a step of bare +
 load / cores, {bound:.2f}x the bare loop, for any trainer that loads its data on these cores. On a GPU machine
 the compute leaves the CPU and this term goes to zero.
+
+The trainer's own share, without workers: ours with `--num_workers 0` ({statistics.mean(rows["ours_inline"]):.1f}
+samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {inline_step:.3f} s a step, against
+{bare_step:.3f} s of bare step plus {load_s:.3f} s loading one batch in the same process: the trainer itself
+(seeding, moving and normalising the batch, clipping, logging, tqdm) adds **{own:+.0%}** of a bare step.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

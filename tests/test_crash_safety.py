@@ -84,6 +84,46 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_step(
             assert ckpt.load_tensors(background / scheduler) == ckpt.load_tensors(synchronous / scheduler)
 
 
+class Tied(torch.nn.Module):
+    """Weights tied under two names, as PaliGemma-based policies tie their embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+
+def test_a_snapshot_writes_the_files_of_a_synchronous_save(tmp_path: Path) -> None:
+    """Byte for byte the policy file save_model writes, tied weights included; optimizer state equal; and the
+    strict loader takes it, tying the weights again."""
+    model = Tied()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model.embed.weight.grad = torch.ones_like(model.embed.weight)
+    optimizer.step()
+    snapshot = ckpt.StateSnapshot()
+    snapshot.take_policy(model)
+    snapshot.take_optimizer(optimizer.state_dict())
+    snapshot.mark_taken()
+    taken = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():  # training goes on: the snapshot keeps the state it took
+        model.embed.weight.add_(1)
+    optimizer.step()
+    snapshot.write(tmp_path)
+    reference = Tied()
+    reference.load_state_dict(taken)
+    ckpt.save_model(reference, str(tmp_path / "reference.safetensors"))
+    assert (tmp_path / ckpt.POLICY_FILE).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+    written = ckpt.load_tensors(tmp_path / ckpt.OPTIMIZER_FILE)
+    assert written["state"][0]["step"].item() == 1 and optimizer.state_dict()["state"][0]["step"].item() == 2
+
+    fresh = Tied()
+    ckpt.load_policy_weights(fresh, tmp_path)
+    assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh.head.weight, reference.embed.weight)
+
+
 def test_leftovers_of_a_crash_are_cleaned_and_never_taken(capsys, trained: Path, tiny_dataset: Path, tmp_path: Path):
     out = tmp_path / "out"
     (out / ".tmp-checkpoint-9").mkdir(parents=True)  # a write killed halfway

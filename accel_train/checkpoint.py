@@ -454,10 +454,8 @@ class Checkpointer:
         self.asynchronous = asynchronous
         # Under FSDP, save_state gathers the shards itself (collectives, in the foreground): nothing to snapshot.
         self.snapshot = StateSnapshot() if asynchronous and not self.sharded else None
-        self._taking = False
+        self.optimizer = optimizer
         accelerator.register_save_state_pre_hook(self._save_hook)
-        if self.snapshot is not None:
-            optimizer.register_state_dict_post_hook(self._take_optimizer)
 
     def _save_hook(self, models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
         """Write the policy and processors ourselves, in lerobot's formats, instead of Accelerate's model file.
@@ -477,16 +475,14 @@ class Checkpointer:
         except Exception as error:  # e.g. disk full, no pinned memory: reported by save() after the barrier,
             self._error = error  # on every rank, so that no rank is left waiting
 
-    def _take_optimizer(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
-        """Optimizer state_dict post-hook, active only inside save(): the state goes into the snapshot, and
-        save_state gets only the param_groups, so the optimizer.bin it writes in the foreground is a few KB
-        instead of twice the policy. The writer thread replaces that file by optimizer_state.pth.
+    def _take_optimizer(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Optimizer state_dict post-hook, registered only while save() runs save_state: the state goes into the
+        snapshot, and save_state gets only the param_groups, so the optimizer.bin it writes in the foreground is a
+        few KB instead of twice the policy. The writer thread replaces that file by optimizer_state.pth.
 
         Why a hook: save_state serialises every prepared optimizer before it returns and has no option to leave
         one out; torch's state_dict post-hook is the public place between it and the tensors.
         """
-        if not self._taking:
-            return None
         if self.accelerator.is_main_process:
             try:
                 self.snapshot.take_optimizer(state_dict)
@@ -525,13 +521,14 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._state, self._error = state, None
-        self._taking = self.snapshot is not None
+        hook = self.optimizer.register_state_dict_post_hook(self._take_optimizer) if self.snapshot else None
         try:
             self.accelerator.save_state(str(tmp))
         except Exception as error:  # Accelerate's own files failed to write (torch.save raises RuntimeError
             self._error = error  # on a full disk): reported on every rank below
         finally:
-            self._taking = False
+            if hook is not None:
+                hook.remove()
         if self.snapshot is not None and self.accelerator.is_main_process:
             self.snapshot.mark_taken()
         self.accelerator.wait_for_everyone()  # save_state has no barrier of its own: all ranks' files are in

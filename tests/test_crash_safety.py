@@ -239,6 +239,7 @@ def test_chaos(tiny_dataset: Path, straight: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 50 kills and restarts: more than the 10 minutes of a stuck test
 def test_chaos_long(tiny_dataset: Path, tmp_path: Path) -> None:
     """50 kills over an 80-step run (its own uninterrupted reference), so they spread over many checkpoints."""
     reference = tmp_path / "reference"

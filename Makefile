@@ -10,6 +10,7 @@ endif
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= outputs/demo
+PYTEST_ARGS ?= -q
 
 .PHONY: demo test bench lint clean
 
@@ -24,7 +25,7 @@ demo: $(VENV)/.installed
 	$(PY) accel_train/train.py --config configs/demo.yaml --output_dir $(DEMO_OUT) --resume_from_checkpoint latest
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/compare.py

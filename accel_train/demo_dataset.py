@@ -12,9 +12,12 @@ a function of what the policy observes: there is something real to learn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +122,25 @@ def episode(rng: np.random.Generator, shape: tuple[int, int, int] = IMAGE_SHAPE)
     ]
 
 
+@contextlib.contextmanager
+def scheduling_kept() -> Iterator[None]:
+    """Give this thread back its CPU scheduling after video encoding.
+
+    SVT-AV1, lerobot's default encoder, switches the thread that drives it to real-time scheduling (SCHED_FIFO,
+    priority 99) when it may, as root does, and every process started afterwards inherits that. Trainers, data
+    workers and loggers at real-time priority busy-wait ahead of everything else: on a small machine they
+    starve each other and the run hangs. Neither lerobot nor PyAV has an option to stop the encoder doing it.
+    """
+    if not hasattr(os, "sched_getscheduler"):  # not on macOS, nor does SVT-AV1 do this there
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
 def create(
     root: Path, episodes: int = 10, seed: int = 0, repo_id: str = REPO_ID, size: tuple[int, int] = IMAGE_SHAPE[:2]
 ) -> Path:
@@ -130,15 +152,17 @@ def create(
     if root.exists():
         raise FileExistsError(f"{root} already exists; pass an empty or new folder to --root.")
     rng = np.random.default_rng(seed)
+    os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder's errors only, not its 60 lines of settings an episode
     dataset = LeRobotDataset.create(
         repo_id, FPS, features(shape), root=root, robot_type="piper", use_videos=True, video_backend="pyav"
     )
     try:
-        for _ in range(episodes):
-            for frame in episode(rng, shape):
-                dataset.add_frame(frame)
-            dataset.save_episode(parallel_encoding=False)
-        dataset.finalize()
+        with scheduling_kept():
+            for _ in range(episodes):
+                for frame in episode(rng, shape):
+                    dataset.add_frame(frame)
+                dataset.save_episode(parallel_encoding=False)
+            dataset.finalize()
     except BaseException:
         dataset.finalize()
         shutil.rmtree(root, ignore_errors=True)

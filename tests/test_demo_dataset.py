@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +58,14 @@ def test_refuses_to_overwrite(tiny_dataset: Path) -> None:
     with pytest.raises(FileExistsError):
         demo_dataset.create(tiny_dataset)
     assert demo_dataset.main(["--root", str(tiny_dataset)]) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="SVT-AV1 takes real-time priority as root")
+def test_encoding_leaves_the_scheduling_as_it_was(tmp_path: Path) -> None:
+    """As root, the AV1 encoder switched the creating process to SCHED_FIFO 99, and the trainer processes started
+    after it inherited that: in CI a trainer and wandb's service then busy-waited both cores and hung the suite."""
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    demo_dataset.create(tmp_path / "d", episodes=1, seed=0)
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
+    child = [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"]
+    assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == str(before[0])

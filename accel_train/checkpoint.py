@@ -521,7 +521,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._state, self._error = state, None
-        hook = self.optimizer.register_state_dict_post_hook(self._take_optimizer) if self.snapshot else None
+        hook = self.optimizer.register_state_dict_post_hook(self._take_optimizer) if self.snapshot is not None else None
         try:
             self.accelerator.save_state(str(tmp))
         except Exception as error:  # Accelerate's own files failed to write (torch.save raises RuntimeError

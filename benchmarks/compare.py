@@ -268,6 +268,13 @@ def main() -> None:
     parser.add_argument("--realistic", action="store_true", help="default ACT, 480x640 cameras, bf16, on a GPU")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
+    # The run without workers trains steps // 2 steps and needs one log window past the warm-up ones.
+    min_steps = 2 * LOG_FREQ * (WARMUP_LOGS + 1)
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1 (each pair runs every trainer once)")
+    if args.steps < min_steps:
+        parser.error(f"--steps must be at least {min_steps}: rates are measured after {WARMUP_LOGS} log windows "
+                     f"of {LOG_FREQ} steps, and the run without workers trains half the steps")  # fmt: skip
     sys.path.insert(0, str(REPO))
     from accel_train import demo_dataset
 

@@ -65,6 +65,7 @@ def run(args: list[str]) -> TrainerState:
     # Without a GPU, Accelerate sets up multi-process (gloo) training only when told it is on CPU.
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     processes = PartialState(cpu=on_cpu)
+    keep_process_group_until_exit()
     setup_logging(processes.is_main_process)
     output_dir = cfg.output_dir
 
@@ -500,6 +501,22 @@ def summarize(
         if cfg.resume_from_checkpoint and source
         else (f"Initialised from {source}." if source else "Fresh start."),
     )
+
+
+_PROCESS_GROUP_HELD: list[Any] = []
+
+
+def keep_process_group_until_exit() -> None:
+    """Hold the default process group until the interpreter exits, not until the DDP model is freed.
+
+    Seen at the end of a 2-process CPU run (torch 2.11, gloo): rank 0 hung for good in ~ProcessGroupGloo,
+    called from the DDP Reducer's dealloc when run() returned, holding the GIL and waiting for the group's
+    mutex, while a gloo worker held that mutex and waited for the GIL to free the last collective's Python
+    tensors. With this reference the Reducer is never the group's last owner; the group goes at interpreter
+    exit, after the worker has long been idle. Torch offers no call that waits for its workers to be idle.
+    """
+    if torch.distributed.is_initialized():
+        _PROCESS_GROUP_HELD.append(torch.distributed.group.WORLD)
 
 
 def setup_logging(is_main: bool) -> None:

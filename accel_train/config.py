@@ -1,24 +1,31 @@
 """The run's configuration: one dataclass, parsed by draccus like lerobot-train's.
 
 Precedence, lowest first: field defaults, the resumed checkpoint's `train_config.json`, `--config FILE.yaml`,
-then flags (or `train(**kwargs)`). Only flags the user gave override, so resuming with the short command of
-the spec keeps the policy the run was started with.
+then flags (or `train(**kwargs)`, or the fields a `TrainConfig` given to `train()` sets). Only what the user gave
+overrides, so resuming with the short command of the spec keeps the policy the run was started with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import io
 import json
 import logging
-import tempfile
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import draccus
 import lerobot.policies  # noqa: F401  (registers every policy config type with draccus)
 import yaml
+from draccus import ChoiceRegistry
+from draccus.argparsing import ArgumentParser
+from draccus.cfgparsing import parse_string
+from draccus.parsers import decoding
+from draccus.utils import deflatten
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.optim.optimizers import OptimizerConfig
 from lerobot.optim.schedulers import LRSchedulerConfig
@@ -27,8 +34,18 @@ from lerobot.transforms import ImageTransformsConfig
 from accel_train.errors import UsageError
 
 DEFAULT_POLICY_TYPE = "act"
-MIXED_PRECISION = ("no", "bf16", "fp16")
-TRACKERS = ("none", "tensorboard", "wandb")
+POSITIVE = ("steps", "batch_size", "gradient_accumulation_steps", "save_freq", "log_freq", "val_max_samples")
+
+
+@dataclass(frozen=True)
+class Every:
+    """A periodic event of the run: due every `every` steps and at the last step."""
+
+    every: int
+    last: int
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last
 
 
 @dataclass
@@ -40,8 +57,8 @@ class TrainConfig:
     dataset_root: Path | None = None
     # Create the embedded demo dataset at dataset_root when nothing is there (configs/demo.yaml).
     demo_dataset: bool = False
-    # "torchcodec" or "pyav"; empty: torchcodec when its FFmpeg libraries load, else pyav.
-    video_backend: str | None = None
+    # torchcodec or pyav; empty: torchcodec when its FFmpeg libraries load, else pyav.
+    video_backend: Literal["torchcodec", "pyav"] | None = None
     # A checkpoint folder, or "latest" (newest complete checkpoint in output_dir, or a fresh start).
     resume_from_checkpoint: str | None = None
     # Fine-tune: weights and processors from this checkpoint, fresh optimizer, step 0.
@@ -76,9 +93,9 @@ class TrainConfig:
     eval_freq: int | None = None
     val_max_samples: int = 256
     # Experiment tracker through Accelerate: tensorboard (OUT/tensorboard), wandb (WANDB_MODE=offline works), none.
-    log_with: str = "none"
+    log_with: Literal["none", "tensorboard", "wandb"] = "none"
     num_workers: int = 4
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # None: the policy's own lerobot preset (as lerobot-train does).
     optimizer: OptimizerConfig | None = None
     scheduler: LRSchedulerConfig | None = None
@@ -86,34 +103,29 @@ class TrainConfig:
     policy: PreTrainedConfig | None = None
 
     def validate(self) -> None:
-        problems = []
-        if self.output_dir is None:
-            problems.append("--output_dir is required")
-        if self.mixed_precision not in MIXED_PRECISION:
-            problems.append(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "save_freq", "log_freq"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name} must be at least 1 (got {getattr(self, name)})")
-        if self.log_with not in TRACKERS:
-            problems.append(f"--log_with must be one of {', '.join(TRACKERS)}")
-        if self.val_episodes < 0 or self.val_max_samples < 1 or (self.eval_freq is not None and self.eval_freq < 1):
-            problems.append("--val_episodes must be 0 or more, --val_max_samples and --eval_freq at least 1")
-        if self.num_workers < 0:
-            problems.append("--num_workers must be 0 or more")
-        if self.video_backend not in (None, "torchcodec", "pyav"):
-            problems.append("--video_backend must be torchcodec or pyav")
-        if self.demo_dataset and self.dataset_root is None:
-            problems.append("--demo_dataset needs --dataset_root, the folder to create the demo dataset in")
-        if self.push_to_hub and not self.hub_repo_id:
-            problems.append("--push_to_hub needs --hub_repo_id USER/REPO")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            problems.append("--save_total_limit must be at least 1")
-        if self.hub_keep_last is not None and self.hub_keep_last < 1:
-            problems.append("--hub_keep_last must be at least 1")
-        if self.resume_from_checkpoint and self.init_from:
-            problems.append("--resume_from_checkpoint and --init_from exclude each other")
+        problems = [message for broken, message in self._rules() if broken]
         if problems:
             raise UsageError("; ".join(problems) + ".")
+
+    def _rules(self) -> list[tuple[bool, str]]:
+        """(broken, what to say) for every rule the options must keep."""
+        positive = [(getattr(self, n) < 1, f"--{n} must be at least 1 (got {getattr(self, n)})") for n in POSITIVE]
+        optional_positive = [
+            (getattr(self, n) is not None and getattr(self, n) < 1, f"--{n} must be at least 1")
+            for n in ("save_total_limit", "hub_keep_last", "eval_freq")
+        ]
+        return [
+            (self.output_dir is None, "--output_dir is required"),
+            *positive,
+            *optional_positive,
+            (self.val_episodes < 0, "--val_episodes must be 0 or more"),
+            (self.num_workers < 0, "--num_workers must be 0 or more"),
+            (self.demo_dataset and self.dataset_root is None, "--demo_dataset needs --dataset_root, the folder "
+             "to create the demo dataset in"),
+            (self.push_to_hub and not self.hub_repo_id, "--push_to_hub needs --hub_repo_id USER/REPO"),
+            (bool(self.resume_from_checkpoint and self.init_from),
+             "--resume_from_checkpoint and --init_from exclude each other"),
+        ]  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(draccus.encode(self), default=str))
@@ -139,6 +151,26 @@ def kwargs_to_args(kwargs: dict[str, Any]) -> list[str]:
             args += kwargs_to_args({f"{key}.{k}": v for k, v in value.items()})
         else:
             args.append(f"--{key}={_flag_value(value)}")
+    return args
+
+
+def config_to_args(cfg: TrainConfig) -> list[str]:
+    """The flags that give `cfg`: its fields that differ from the defaults, and all of a section it sets
+    (policy, optimizer, ...: `--policy.type=...` then every field). Dict-valued fields stay whole (JSON), since
+    their keys, such as feature names, hold dots."""
+    defaults = TrainConfig()
+    args = []
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if dataclasses.is_dataclass(value):
+            encoded = draccus.encode(value)
+            if isinstance(value, ChoiceRegistry):
+                args.append(f"--{f.name}.type={value.type}")
+            args += [f"--{f.name}.{k}={_flag_value(v)}" for k, v in encoded.items() if k != "type"]
+        else:
+            args.append(f"--{f.name}={_flag_value(draccus.encode(value))}")
     return args
 
 
@@ -174,8 +206,77 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def _gives_policy_type(args: list[str], layers: dict) -> bool:
-    return any(a.startswith("--policy.type") for a in args) or "type" in (layers.get("policy") or {})
+def gives_policy_type(args: list[str]) -> str | None:
+    """The policy type the flags name (`--policy.type=T` or `--policy.type T`), if they name one."""
+    for arg, following in zip(args, [*args[1:], None], strict=True):
+        if arg.startswith("--policy.type="):
+            return arg.split("=", 1)[1]
+        if arg == "--policy.type":
+            return following
+    return None
+
+
+def _section_types(args: list[str], layers: dict) -> dict[str, str]:
+    """The chosen type of each choice section (policy, optimizer, scheduler): flags over layers."""
+    chosen = {name: (layers.get(name) or {}).get("type") for name in ("policy", "optimizer", "scheduler")}
+    for arg in args:
+        for name in chosen:
+            if arg.startswith(f"--{name}.type="):
+                chosen[name] = arg.split("=", 1)[1]
+    return chosen
+
+
+def _field_type(path: list[str], chosen: dict[str, str | None]) -> Any:
+    """The declared type of the option at a dotted path (None when unknown), walking into chosen sections."""
+    cls: Any = TrainConfig
+    for depth, name in enumerate(path):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return None
+        try:
+            hint = typing.get_type_hints(cls).get(name)
+        except Exception:  # a config class whose annotations do not resolve: treat its fields as unknown
+            return None
+        members = [t for t in typing.get_args(hint) if t is not type(None)] if typing.get_args(hint) else [hint]
+        hint = members[0] if len(members) == 1 else hint
+        if depth == 0 and isinstance(hint, type) and issubclass(hint, ChoiceRegistry):
+            if chosen.get(name) not in hint.get_known_choices():
+                return None
+            hint = hint.get_choice_class(chosen[name])
+        cls = hint
+    return cls
+
+
+def bare_flags_to_true(args: list[str], layers: dict) -> list[str]:
+    """`--push_to_hub` alone means `--push_to_hub=true`, as in argparse-based trainers, for boolean options only.
+
+    draccus gives every option exactly one value ("expected one argument"); a flag is alone when the next
+    argument is another flag or there is none.
+    """
+    chosen = _section_types(args, layers)
+    chosen["policy"] = chosen["policy"] or DEFAULT_POLICY_TYPE
+    out = []
+    for i, arg in enumerate(args):
+        alone = arg.startswith("--") and "=" not in arg and (i + 1 == len(args) or args[i + 1].startswith("--"))
+        out.append(f"{arg}=true" if alone and _field_type(arg[2:].split("."), chosen) is bool else arg)
+    return out
+
+
+class _LayeredParser(ArgumentParser):
+    """draccus's parser with the layers below the flags given as a dict rather than a config file's path.
+
+    draccus reads layers only from a file (`config_path`); its `_postprocessing` is where the flags meet them,
+    so this is the one method to replace: the same steps (parse each flag's string, deflatten the dotted names,
+    merge over the layers, decode), without writing the layers to a temporary file.
+    """
+
+    def __init__(self, layers: dict):
+        super().__init__(TrainConfig, exit_on_error=True)
+        self.layers = layers
+
+    def _postprocessing(self, parsed_args: Any) -> TrainConfig:
+        flags = {key: parse_string(value) for key, value in vars(parsed_args).items()}
+        flags.pop("config_path", None)
+        return decoding.decode(TrainConfig, _deep_merge(copy.deepcopy(self.layers), deflatten(flags, sep=".")))
 
 
 def parse(args: list[str], base: dict | None = None) -> TrainConfig:
@@ -184,10 +285,10 @@ def parse(args: list[str], base: dict | None = None) -> TrainConfig:
     layers = dict(base or {})
     if config_file is not None:
         layers = _deep_merge(layers, yaml.safe_load(config_file.read_text()) or {})
-    cli_type = next((a.split("=", 1)[1] for a in args if a.startswith("--policy.type=")), None)
+    cli_type = gives_policy_type(args)
     if cli_type and (layers.get("policy") or {}).get("type", cli_type) != cli_type:
         layers.pop("policy")  # another policy type on the command line replaces the section, fields and all
-    if not _gives_policy_type(args, layers):
+    if not cli_type and "type" not in (layers.get("policy") or {}):
         args = [f"--policy.type={DEFAULT_POLICY_TYPE}", *args]
     known = {f.name for f in fields(TrainConfig)}
     unknown = [a for a in args if a.startswith("--") and a[2:].split("=", 1)[0].split(".", 1)[0] not in known]
@@ -196,15 +297,12 @@ def parse(args: list[str], base: dict | None = None) -> TrainConfig:
             f"Unknown option {unknown[0]}. Options are --{', --'.join(sorted(known))}, "
             "--config FILE.yaml and --policy.<field> for any field of the chosen lerobot policy config."
         )
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as merged:
-        yaml.safe_dump(layers, merged, sort_keys=False)  # key order matters: it orders the camera tokens
-        merged.flush()
-        cfg = _draccus_parse(args, Path(merged.name) if layers else None)
+    cfg = _draccus_parse(bare_flags_to_true(args, layers), layers)
     cfg.validate()
     return cfg
 
 
-def _draccus_parse(args: list[str], config_path: Path | None) -> TrainConfig:
+def _draccus_parse(args: list[str], layers: dict) -> TrainConfig:
     """Run draccus, turning its argparse usage dump or decoding traceback into one readable line."""
     stderr = io.StringIO()
     policies_logger = logging.getLogger("lerobot.configs.policies")
@@ -216,13 +314,13 @@ def _draccus_parse(args: list[str], config_path: Path | None) -> TrainConfig:
     root.addFilter(_no_device_guess)
     try:
         with contextlib.redirect_stderr(stderr):
-            return draccus.parse(TrainConfig, config_path=config_path, args=args)
+            return _LayeredParser(layers).parse_args(args)
     except SystemExit as exit_:
         lines = [line for line in stderr.getvalue().splitlines() if "error:" in line]
         detail = lines[-1].split("error:", 1)[1].strip() if lines else f"exit status {exit_.code}"
         raise UsageError(f"Invalid command line: {detail}. Run with --help for the options.") from None
     except Exception as error:  # draccus decoding errors carry no common base class
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = " ".join(line.strip() for line in str(error).splitlines()) or type(error).__name__
         if "type" in message and "policy" in message.lower():
             known = ", ".join(sorted(PreTrainedConfig.get_known_choices()))
             message += f" (known policy types: {known})"

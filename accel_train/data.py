@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.datasets.factory import resolve_delta_timestamps
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.sampler import EpisodeAwareSampler
 from lerobot.transforms import ImageTransforms, ImageTransformsConfig
 
+from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -96,51 +98,57 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, dtype=np.uint32)[0])
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """How one optimizer step takes its samples: `accumulation` micro-batches of `batch_size` on each of
+    `world_size` ranks."""
+
+    batch_size: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def samples(self) -> int:
+        return self.batch_size * self.accumulation * self.world_size
+
+
 class ResumableBatchSampler:
     """Endless micro-batches of (frame index, sample seed) for one rank, starting at a DataPosition.
 
-    Each optimizer step takes `batch_size * world_size * accumulation` consecutive positions of the epoch's
-    permutation: micro-batch m of rank r gets the slice (m * world_size + r) * batch_size. So batch B with
-    accumulation 2 sees the same samples as batch 2B, ranks never overlap, and a run resumed with another
-    number of processes continues at the same position without feeding seen samples again.
-    The permutation itself is lerobot's EpisodeAwareSampler (a function of seed and epoch).
+    Each optimizer step takes `shape.samples` consecutive positions of the epoch's permutation: micro-batch m of
+    rank r gets the slice (m * world_size + r) * batch_size. So batch B with accumulation 2 sees the same samples
+    as batch 2B, ranks never overlap, and a run resumed with another number of processes continues at the same
+    position without feeding seen samples again. The permutation of each epoch is lerobot's EpisodeAwareSampler
+    (a function of seed and epoch).
     """
 
-    def __init__(
-        self,
-        order: EpisodeAwareSampler,
-        batch_size: int,
-        accumulation: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        start: DataPosition,
-    ):
-        self.order = order
-        self.batch_size, self.accumulation = batch_size, accumulation
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.start = seed, start
-        self.step_samples = batch_size * world_size * accumulation
-        if self.step_samples > len(order):
+    def __init__(self, permutation: EpisodeAwareSampler, shape: StepShape, rank: int, seed: int, start: DataPosition):
+        self.permutation, self.shape = permutation, shape
+        self.rank, self.seed, self.start = rank, seed, start
+        self.step_samples = shape.samples
+        if self.step_samples > len(permutation):
             raise TrainError(
-                f"One optimizer step needs {self.step_samples} samples (batch {batch_size} x {world_size} "
-                f"processes x {accumulation} accumulation) but the dataset has only {len(order)} usable frames."
+                f"One optimizer step needs {self.step_samples} samples (batch {shape.batch_size} x "
+                f"{shape.world_size} processes x {shape.accumulation} accumulation) but the dataset has only "
+                f"{len(permutation)} usable frames."
             )
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        self.order.load_state_dict({"epoch": epoch, "start_index": 0})
-        return list(iter(self.order))
+    def epoch_frames(self, epoch: int) -> list[int]:
+        """The frame indices of `epoch`, in their shuffled order."""
+        self.permutation.load_state_dict({"epoch": epoch, "start_index": 0})
+        return list(iter(self.permutation))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start
+        batch, world = self.shape.batch_size, self.shape.world_size
         while True:
-            order = self.epoch_order(position.epoch)
+            frames = self.epoch_frames(position.epoch)
             epoch = position.epoch
             while position.epoch == epoch:
-                for micro in range(self.accumulation):
-                    first = position.sample + (micro * self.world_size + self.rank) * self.batch_size
-                    yield [(order[i], sample_seed(self.seed, epoch, i)) for i in range(first, first + self.batch_size)]
-                position = position.advanced(self.step_samples, len(order))
+                for micro in range(self.shape.accumulation):
+                    first = position.sample + (micro * world + self.rank) * batch
+                    yield [(frames[i], sample_seed(self.seed, epoch, i)) for i in range(first, first + batch)]
+                position = position.advanced(self.step_samples, len(frames))
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -203,8 +211,9 @@ class TimedBatches:
     """The loader's batches, counting the seconds the loop is blocked waiting for them: the data-loading share
     of a step (host time, so it needs no device synchronisation)."""
 
-    def __init__(self, loader: torch.utils.data.DataLoader):
+    def __init__(self, loader: torch.utils.data.DataLoader, step_samples: int):
         self._batches = iter(loader)
+        self.step_samples = step_samples  # samples of one optimizer step, over all ranks
         self.wait_s = 0.0
 
     def __iter__(self) -> TimedBatches:
@@ -217,10 +226,11 @@ class TimedBatches:
         return batch
 
 
-def make_order(
+def episode_permutation(
     dataset: LeRobotDataset, policy_cfg: PreTrainedConfig, seed: int, episodes: list[int]
 ) -> EpisodeAwareSampler:
-    """lerobot's shuffled, episode-aware frame order over `episodes` (drops the frames the policy cannot use)."""
+    """lerobot's shuffled, episode-aware permutation of the usable frames of `episodes` (without the last frames
+    of each episode that the policy cannot use), one per (seed, epoch)."""
     return EpisodeAwareSampler(
         dataset.meta.episodes["dataset_from_index"],
         dataset.meta.episodes["dataset_to_index"],
@@ -230,6 +240,32 @@ def make_order(
         seed=seed,
         absolute_to_relative_idx=dataset.absolute_to_relative_idx,
     )
+
+
+@dataclass
+class TrainingData:
+    """The dataset, its episodes split into trained and held out, and the permutation of the trained frames."""
+
+    dataset: LeRobotDataset
+    permutation: EpisodeAwareSampler
+    held_out: list[int]
+
+    @classmethod
+    def load(cls, cfg: TrainConfig) -> TrainingData:
+        dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
+        trained, held_out = split_episodes(dataset.meta.total_episodes, cfg.val_episodes, cfg.seed)
+        return cls(dataset, episode_permutation(dataset, cfg.policy, cfg.seed, trained), held_out)
+
+    @property
+    def epoch_samples(self) -> int:
+        return len(self.permutation)
+
+    def batches(self, cfg: TrainConfig, accelerator: Accelerator, start: DataPosition) -> TimedBatches:
+        """This rank's micro-batches from `start` on, through one loader that lives for the whole run."""
+        shape = StepShape(cfg.batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes)
+        sampler = ResumableBatchSampler(self.permutation, shape, accelerator.process_index, cfg.seed, start)
+        pin_memory = accelerator.device.type == "cuda"
+        return TimedBatches(make_dataloader(self.dataset, sampler, cfg.num_workers, pin_memory), shape.samples)
 
 
 def images_to_float(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

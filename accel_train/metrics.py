@@ -15,8 +15,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from tqdm import tqdm
+
+from accel_train.checkpoint import TrainerState
+from accel_train.config import Every
+from accel_train.data import TimedBatches
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +140,51 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class StepWindow:
+    """The training steps since the last log line, summed where they are computed.
+
+    Losses add up on the device, so a step never waits for its loss; `summary` reads them back (the mean over
+    the window's steps and all ranks), which is a host synchronisation, done only when `due`.
+    """
+
+    def __init__(self, accelerator: Accelerator, batches: TimedBatches, every: Every):
+        self.accelerator, self.batches, self.every = accelerator, batches, every
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.steps = torch.zeros((), device=self.accelerator.device), 0
+        self.grad_norm: torch.Tensor | None = None
+        self.batches.wait_s = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.grad_norm = grad_norm
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        return self.every.due(step)
+
+    def restart_clock(self) -> None:
+        """After a pause that is not training (a checkpoint write), the window's time counts from now."""
+        self.start = time.perf_counter()
+
+    def summary(self, state: TrainerState, lr: float) -> dict[str, Any]:
+        """The record of the window (every rank must call it: the loss is reduced over ranks); then a new one."""
+        mean_loss = self.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.steps
+        elapsed = time.perf_counter() - self.start
+        record = {
+            "step": state.step,
+            "loss": mean_loss,
+            "grad_norm": self.grad_norm.item(),
+            "lr": lr,
+            "samples_per_s": self.steps * self.batches.step_samples / elapsed,
+            "data_s": self.batches.wait_s / self.steps,  # per step, blocked on the loader
+            "epoch": state.data.epoch,
+            "samples_seen": state.samples_seen,
+            "time": time.time(),
+        }
+        self._reset()
+        return record

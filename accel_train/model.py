@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+from accelerate import Accelerator
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.policies import PreTrainedPolicy, make_policy, make_pre_post_processors
@@ -86,3 +90,34 @@ def build_optimizer(cfg: TrainConfig, policy: PreTrainedPolicy):
     optimizer = cfg.optimizer.build(policy.get_optim_params())
     scheduler = cfg.scheduler.build(optimizer, cfg.steps) if cfg.scheduler is not None else None
     return optimizer, scheduler
+
+
+@dataclass
+class PolicyParts:
+    """The policy and what trains and feeds it. `prepare` hands the policy, optimizer and schedule to Accelerate
+    (DDP, FSDP, mixed precision); the processors stay as they are."""
+
+    policy: PreTrainedPolicy | torch.nn.Module
+    preprocessor: PolicyProcessorPipeline
+    postprocessor: PolicyProcessorPipeline
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    def prepare(self, accelerator: Accelerator) -> None:
+        if self.scheduler is not None:
+            self.policy, self.optimizer, self.scheduler = accelerator.prepare(
+                self.policy, self.optimizer, self.scheduler
+            )
+        else:
+            self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
+
+
+def build_parts(cfg: TrainConfig, dataset: LeRobotDataset, source: Path | None) -> PolicyParts:
+    """A fresh policy of cfg.policy's type (weights come later, from the checkpointer), its processors (from
+    `source` when it has them, else the dataset's stats), and the optimizer and schedule."""
+    policy = build_policy(cfg, dataset)
+    if source is not None:
+        check_features(cfg.policy, dataset, str(source))
+    preprocessor, postprocessor = build_processors(cfg.policy, dataset, source)
+    optimizer, scheduler = build_optimizer(cfg, policy)
+    return PolicyParts(policy, preprocessor, postprocessor, optimizer, scheduler)

@@ -7,6 +7,8 @@ forward gathers parameters collectively, so unequal counts would hang.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +19,26 @@ from accelerate import Accelerator
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-from accel_train.data import images_to_float
+from accel_train.config import Every, TrainConfig
+from accel_train.data import TrainingData, images_to_float, load_dataset
+
+log = logging.getLogger(__name__)
 
 ACTION = "action"
+
+
+def make_validator(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Validator | None:
+    """Validation on the held-out episodes (none: no validator), from the training dataset, or when that augments
+    images, from a second view of it without augmentation."""
+    if not data.held_out:
+        return None
+    dataset = data.dataset
+    if cfg.image_transforms.enable:
+        no_augmentation = dataclasses.replace(cfg.image_transforms, enable=False)
+        dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, no_augmentation, cfg.video_backend)
+    frames = held_out_frames(dataset, cfg.policy, data.held_out, cfg.val_max_samples)
+    log.info("Validation on %d frames of held-out episodes %s", len(frames), data.held_out)
+    return Validator(dataset, frames, cfg, accelerator, Every(cfg.eval_freq or cfg.save_freq, cfg.steps))
 
 
 def held_out_frames(
@@ -38,22 +57,19 @@ class Validator:
     """Validation over fixed held-out frames; a dataset without augmentation, its own loader per pass."""
 
     def __init__(
-        self,
-        dataset: LeRobotDataset,
-        frames: list[int],
-        batch_size: int,
-        num_workers: int,
-        accelerator: Accelerator,
-        seed: int,
+        self, dataset: LeRobotDataset, frames: list[int], cfg: TrainConfig, accelerator: Accelerator, every: Every
     ):
-        self.dataset, self.accelerator, self.seed = dataset, accelerator, seed
-        self.num_workers = num_workers
-        batches = [frames[i : i + batch_size] for i in range(0, len(frames), batch_size)]
+        self.dataset, self.accelerator, self.seed = dataset, accelerator, cfg.seed
+        self.num_workers, self.every = cfg.num_workers, every
+        batches = [frames[i : i + cfg.batch_size] for i in range(0, len(frames), cfg.batch_size)]
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = batches[rank::world]
         rounds = math.ceil(len(batches) / world)
         # (frames, weight): a rank with fewer batches repeats its first one, weighted 0.
         self.batches = [(b, 1.0) for b in mine] + [(batches[0], 0.0)] * (rounds - len(mine))
+
+    def due(self, step: int) -> bool:
+        return self.every.due(step)
 
     def _loader(self) -> Iterator[tuple[dict[str, Any], float]]:
         loader = torch.utils.data.DataLoader(

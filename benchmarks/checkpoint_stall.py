@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from accel_train import checkpoint  # noqa: E402
+from accel_train import checkpoint, checkpointer  # noqa: E402
 from accel_train.train import train  # noqa: E402
 
 
@@ -30,15 +30,15 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, required=True)
     args = parser.parse_args()
     durations: list[float] = []
-    save = checkpoint.Checkpointer.save
+    save = checkpointer.Checkpointer.save
 
-    def timed_save(self: checkpoint.Checkpointer, state: checkpoint.TrainerState, *rest, **named) -> Path:
+    def timed_save(self: checkpointer.Checkpointer, state: checkpoint.TrainerState, *rest, **named) -> Path:
         start = time.perf_counter()
         path = save(self, state, *rest, **named)
         durations.append(time.perf_counter() - start)
         return path
 
-    checkpoint.Checkpointer.save = timed_save
+    checkpointer.Checkpointer.save = timed_save
     demo = str(REPO / "configs" / "demo.yaml")
     train(config=demo, dataset_root=str(args.dataset_root), demo_dataset=False, output_dir=str(args.output_dir),
           steps=24, save_freq=4, log_freq=4, val_episodes=0, num_workers=1,

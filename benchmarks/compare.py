@@ -261,7 +261,7 @@ its `data_s / (data_s + updt_s)`, which also counts moving the batch and normali
 state between the end of the second log window and the last one, timed from when each log line arrived."""
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=80)
@@ -275,75 +275,74 @@ def main() -> None:
     if args.steps < min_steps:
         parser.error(f"--steps must be at least {min_steps}: rates are measured after {WARMUP_LOGS} log windows "
                      f"of {LOG_FREQ} steps, and the run without workers trains half the steps")  # fmt: skip
+    return args
+
+
+def measure(work: Workload, pairs: int, steps: int) -> dict:
+    """Every measurement of the report, runs of each kind alternated: throughput rows, and on CPU the checkpoint
+    stall, the resume start-up and the Hub upload."""
     sys.path.insert(0, str(REPO))
     from accel_train import demo_dataset
 
-    work = Workload(args.realistic)
-    started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
         data = demo_dataset.create(tmp / "piper_demo", episodes=4 if work.realistic else 10, seed=0, size=work.size)
-        rows = throughput(work, data, tmp, args.pairs, args.steps)
+        measured = {"rows": throughput(work, data, tmp, pairs, steps)}
         if not work.realistic:
-            stall_blocked, stall_sync = checkpoint_stall(data, tmp, args.pairs)
-            fresh, resumed = resume_startup(data, tmp, args.pairs)
-    ours_sps = statistics.mean(r[0] for r in rows["ours"])
-    lerobot_sps = statistics.mean(r[0] for r in rows["lerobot"])
-    ratio = ours_sps / lerobot_sps
-    command = (
-        f"python benchmarks/compare.py {'--realistic ' if work.realistic else ''}--pairs {args.pairs} "
-        f"--steps {args.steps}"
-    )
-    header = f"""Written by `{command}` on {time.strftime("%Y-%m-%d", time.gmtime(started))} \
-({(time.time() - started) / 60:.0f} min).
-Machine: {machine()}.
-Workload: {work.describe()}; the demo dataset's synthetic Piper episodes (AV1 video, PyAV decoding), batch
-{BATCH}, {work.workers} loader workers, {args.steps} steps. Every ratio compares runs made alternately in this one
-command."""
-    if work.realistic:
-        text = f"""# Benchmarks at a realistic size (GPU)
-
-{header}
-
-Throughput, ours / lerobot-train 0.6.1: **{ratio:.2f}x** ({ours_sps:.1f} vs {lerobot_sps:.1f} samples/s).
-
-{breakdown(rows)}
-
-{NOTES}
-"""
-    else:
+            measured["stall"] = checkpoint_stall(data, tmp, pairs)
+            measured["startup"] = resume_startup(data, tmp, pairs)
+    if not work.realistic:
         sys.path.insert(0, str(REPO / "benchmarks"))
-        from hub_upload_stall import measure
+        from hub_upload_stall import measure as hub_upload
 
-        hub = measure(steps=120, save_freq=20)
-        bare_sps = statistics.mean(r[0] for r in rows["bare"])
-        overhead = bare_sps / ours_sps  # our step time / bare step time
-        # CPU budget: the loader's work per batch comes out of the same cores the compute uses.
-        load_cpu_s = statistics.mean(r[1] for r in rows["bare"])
-        busy_cores = statistics.mean(r[2] for r in rows["bare"])
-        cores = os.cpu_count() or 1
-        bound = 1 + load_cpu_s / (cores * BATCH / bare_sps)
-        bare_step, load_s = BATCH / bare_sps, statistics.mean(r[3] for r in rows["bare"])
-        inline_step = BATCH / statistics.mean(rows["ours_inline"])
-        own = (inline_step - bare_step - load_s) / bare_step  # what the trainer adds beyond compute and loading
-        stall = statistics.mean(stall_blocked) / statistics.mean(stall_sync)
-        startup = statistics.mean(resumed) / statistics.mean(fresh)
-        pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
-        blocked_s, sync_s = statistics.mean(stall_blocked), statistics.mean(stall_sync)
-        targets = [
-            ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.1f} vs "
-             f"{lerobot_sps:.1f} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
-            ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s; "
-             f"CPU budget alone: {bound:.2f}x, see below)", verdict(overhead, 1.10, False)),
-            ("blocked per checkpoint / synchronous save", "<= 25%", f"**{stall:.0%}** ({blocked_s:.3f} s vs "
-             f"{sync_s:.3f} s)", verdict(stall, 0.25, False)),
-            ("samples/s during a Hub upload / without", ">= 0.95x", f"**{hub['ratio']:.2f}x** ({hub['during']:.1f} vs "
-             f"{hub['idle']:.1f})", verdict(hub["ratio"], 0.95, True)),
-            ("launch to first step, resume / fresh", "<= 1.2x", f"**{startup:.2f}x** ({statistics.mean(resumed):.1f} s "
-             f"vs {statistics.mean(fresh):.1f} s)", verdict(startup, 1.2, False)),
-        ]  # fmt: skip
-        table = "\n".join(f"| {' | '.join(row)} |" for row in targets)
-        text = f"""# Benchmarks
+        measured["hub"] = hub_upload(steps=120, save_freq=20)
+    return measured
+
+
+def cpu_targets(rows: dict, measured: dict) -> tuple[list[tuple[str, ...]], dict]:
+    """The table of targets on CPU, and the numbers the text below it explains."""
+    ours_sps, lerobot_sps = (statistics.mean(r[0] for r in rows[k]) for k in ("ours", "lerobot"))
+    ratio = ours_sps / lerobot_sps
+    bare_sps = statistics.mean(r[0] for r in rows["bare"])
+    overhead = bare_sps / ours_sps  # our step time / bare step time
+    # CPU budget: the loader's work per batch comes out of the same cores the compute uses.
+    cores = os.cpu_count() or 1
+    load_cpu_s = statistics.mean(r[1] for r in rows["bare"])
+    bound = 1 + load_cpu_s / (cores * BATCH / bare_sps)
+    (stall_blocked, stall_sync), (fresh, resumed), hub = measured["stall"], measured["startup"], measured["hub"]
+    blocked_s, sync_s = statistics.mean(stall_blocked), statistics.mean(stall_sync)
+    startup = statistics.mean(resumed) / statistics.mean(fresh)
+    pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
+    targets = [
+        ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.1f} vs "
+         f"{lerobot_sps:.1f} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
+        ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s; "
+         f"CPU budget alone: {bound:.2f}x, see below)", verdict(overhead, 1.10, False)),
+        ("blocked per checkpoint / synchronous save", "<= 25%", f"**{blocked_s / sync_s:.0%}** ({blocked_s:.3f} s vs "
+         f"{sync_s:.3f} s)", verdict(blocked_s / sync_s, 0.25, False)),
+        ("samples/s during a Hub upload / without", ">= 0.95x", f"**{hub['ratio']:.2f}x** ({hub['during']:.1f} vs "
+         f"{hub['idle']:.1f})", verdict(hub["ratio"], 0.95, True)),
+        ("launch to first step, resume / fresh", "<= 1.2x", f"**{startup:.2f}x** ({statistics.mean(resumed):.1f} s "
+         f"vs {statistics.mean(fresh):.1f} s)", verdict(startup, 1.2, False)),
+    ]  # fmt: skip
+    numbers = {
+        "bare_sps": bare_sps,
+        "load_cpu_s": load_cpu_s,
+        "bound": bound,
+        "cores": cores,
+        "saves": len(stall_blocked),
+    }
+    return targets, numbers
+
+
+def cpu_report(header: str, rows: dict, measured: dict) -> str:
+    targets, n = cpu_targets(rows, measured)
+    table = "\n".join(f"| {' | '.join(row)} |" for row in targets)
+    busy_cores = statistics.mean(r[2] for r in rows["bare"])
+    bare_step, load_s = BATCH / n["bare_sps"], statistics.mean(r[3] for r in rows["bare"])
+    inline_sps = statistics.mean(rows["ours_inline"])
+    own = (BATCH / inline_sps - bare_step - load_s) / bare_step  # what the trainer adds beyond compute and loading
+    return f"""# Benchmarks
 
 {header}
 
@@ -355,21 +354,55 @@ Throughput, ours / lerobot-train 0.6.1: **{ratio:.2f}x** ({ours_sps:.1f} vs {ler
 
 {breakdown(rows)}
 
-{NOTES} Checkpoint: {len(stall_blocked)} runs of each kind, 5 saves each, ~130 MB
+{NOTES} Checkpoint: {n["saves"]} runs of each kind, 5 saves each, ~130 MB
 checkpoints. Resume start-up: from process launch to the first step's log line, Python and torch imports included.
 
 What bounds the overhead ratio here, the CPU budget: producing one batch (decoding 3 videos x {BATCH} frames,
-collating) costs {load_cpu_s:.3f} CPU-seconds, measured in the bare-loop process; a bare step takes
-{BATCH / bare_sps:.3f} s and keeps {busy_cores:.1f} of the {cores} cores busy. When the compute keeps every core
+collating) costs {n["load_cpu_s"]:.3f} CPU-seconds, measured in the bare-loop process; a bare step takes
+{bare_step:.3f} s and keeps {busy_cores:.1f} of the {n["cores"]} cores busy. When the compute keeps every core
 busy, each CPU-second of loading is taken from it, however well loading overlaps compute: a step of bare +
-load / cores, {bound:.2f}x the bare loop, for any trainer that loads its data on these cores. On a GPU machine
+load / cores, {n["bound"]:.2f}x the bare loop, for any trainer that loads its data on these cores. On a GPU machine
 the compute leaves the CPU and this term goes to zero.
 
-The trainer's own share, without workers: ours with `--num_workers 0` ({statistics.mean(rows["ours_inline"]):.1f}
-samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {inline_step:.3f} s a step, against
+The trainer's own share, without workers: ours with `--num_workers 0` ({inline_sps:.1f}
+samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {BATCH / inline_sps:.3f} s a step, against
 {bare_step:.3f} s of bare step plus {load_s:.3f} s loading one batch in the same process: the trainer itself
 (seeding, moving and normalising the batch, clipping, logging, tqdm) adds **{own:+.0%}** of a bare step.
 """
+
+
+def realistic_report(header: str, rows: dict) -> str:
+    ours_sps, lerobot_sps = (statistics.mean(r[0] for r in rows[k]) for k in ("ours", "lerobot"))
+    return f"""# Benchmarks at a realistic size (GPU)
+
+{header}
+
+Throughput, ours / lerobot-train 0.6.1: **{ours_sps / lerobot_sps:.2f}x** ({ours_sps:.1f} vs {lerobot_sps:.1f}
+samples/s).
+
+{breakdown(rows)}
+
+{NOTES}
+"""
+
+
+def main() -> None:
+    args = parse_args()
+    work = Workload(args.realistic)
+    started = time.time()
+    measured = measure(work, args.pairs, args.steps)
+    command = (
+        f"python benchmarks/compare.py {'--realistic ' if work.realistic else ''}--pairs {args.pairs} "
+        f"--steps {args.steps}"
+    )
+    header = f"""Written by `{command}` on {time.strftime("%Y-%m-%d", time.gmtime(started))} \
+({(time.time() - started) / 60:.0f} min).
+Machine: {machine()}.
+Workload: {work.describe()}; the demo dataset's synthetic Piper episodes (AV1 video, PyAV decoding), batch
+{BATCH}, {work.workers} loader workers, {args.steps} steps. Every ratio compares runs made alternately in this one
+command."""
+    rows = measured["rows"]
+    text = realistic_report(header, rows) if work.realistic else cpu_report(header, rows, measured)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

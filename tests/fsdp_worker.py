@@ -3,7 +3,7 @@
 Accelerate sets up FSDP only on GPUs, so this drives torch's FSDP2 (`fully_shard`) the way Accelerate does for
 `configs/accelerate/fsdp.yaml` with FULL_STATE_DICT: it gathers the full weights and the name-keyed optimizer
 state to rank 0 and writes them under Accelerate's file names; the trainer's own code does the rest
-(`consolidate_fsdp_files`, `parameter_names`, `load_sharded_optimizer`).
+(`consolidate_fsdp_files`, `parameter_names`, `load_sharded_policy_weights`, `load_sharded_optimizer`).
 
     python fsdp_worker.py --shard|--plain --steps N [--load CHECKPOINT] --out FOLDER
 """
@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from accel_train import checkpoint as ckpt
+from accel_train import checkpointer
 
 
 class Policy(torch.nn.Module):
@@ -55,16 +56,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = Policy()
-    if args.load:  # weights before sharding, as the trainer loads them before accelerator.prepare
-        load_model(model, args.load / ckpt.POLICY_FILE)
-    names = ckpt.parameter_names(model, torch.optim.AdamW(param_groups(model)))
+    names = checkpointer.parameter_names(model, torch.optim.AdamW(param_groups(model)))
     if args.shard:
         fully_shard(model.head, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
         fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     optimizer = torch.optim.AdamW(param_groups(model), lr=1e-2, weight_decay=0.1)
-    if args.load and args.shard:
-        ckpt.load_sharded_optimizer(args.load, model, optimizer, names)
+    if args.load and args.shard:  # after sharding, as the trainer restores after accelerator.prepare
+        checkpointer.load_sharded_policy_weights(model, args.load)
+        checkpointer.load_sharded_optimizer(args.load, model, optimizer, names)
     elif args.load:
+        load_model(model, args.load / ckpt.POLICY_FILE)
         optimizer.load_state_dict(ckpt.load_tensors(args.load / ckpt.OPTIMIZER_FILE))
 
     data = torch.Generator().manual_seed(1 + (args.load is not None))
@@ -80,9 +81,9 @@ def main() -> None:
         weights = get_model_state_dict(model, options=options)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
         if rank == 0:
-            torch.save(weights, args.out / ckpt.FSDP_MODEL_FILE)
+            torch.save(weights, args.out / checkpointer.FSDP_MODEL_FILE)
             torch.save(optimizer_state, args.out / "optimizer.bin")
-            ckpt.consolidate_fsdp_files(args.out)
+            checkpointer.consolidate_fsdp_files(args.out)
     else:
         save_model(model, str(args.out / ckpt.POLICY_FILE))
         torch.save(optimizer.state_dict(), args.out / ckpt.OPTIMIZER_FILE)

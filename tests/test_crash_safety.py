@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import REPO, STRAIGHT_STEPS, TRAIN, assert_ok, base_args, run_cli,
 from hub_server import HubServer
 
 from accel_train import checkpoint as ckpt
+from accel_train import checkpointer
 from accel_train.train import main
 
 # How the policy file is written: from the snapshot in the writer thread, or from the live policy in save().
@@ -31,7 +33,7 @@ def test_disk_full_during_a_checkpoint_write(
     """The write of checkpoint-4 fails: a clear error, checkpoint-2 stays valid, and the run resumes from it.
     In the background, the failure stops the run at its next save."""
     out = tmp_path / "out"
-    real_save = getattr(ckpt, POLICY_WRITER[asynchronous])
+    real_save = getattr(checkpointer, POLICY_WRITER[asynchronous])
     calls = []
 
     def save_then_fail(model, filename, *args, **kwargs):
@@ -40,7 +42,7 @@ def test_disk_full_during_a_checkpoint_write(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(model, filename, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, POLICY_WRITER[asynchronous], save_then_fail)
+    monkeypatch.setattr(checkpointer, POLICY_WRITER[asynchronous], save_then_fail)
     flags = ["--steps", "6", "--save_freq", "2", f"--async_checkpoint={asynchronous}"]
     assert main(base_args(tiny_dataset, out, *flags)) == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -49,7 +51,7 @@ def test_disk_full_during_a_checkpoint_write(
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
     assert ckpt.verify(out / "checkpoint-2") is None and not list(out.glob(".tmp-*"))
 
-    monkeypatch.setattr(ckpt, POLICY_WRITER[asynchronous], real_save)
+    monkeypatch.setattr(checkpointer, POLICY_WRITER[asynchronous], real_save)
     assert main(base_args(tiny_dataset, out, *flags, "--resume_from_checkpoint", "latest")) == 0
     assert "Resumed from" in capsys.readouterr().err and (out / "checkpoint-6").is_dir()
 
@@ -60,13 +62,13 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_step(
     """Training goes on while the writer thread serialises a checkpoint from its snapshot: each checkpoint
     must equal a synchronous save at the same step, tensor for tensor (policy, optimizer, scheduler). A slow
     disk (the write starts 1.5 s late, after 2 more optimizer steps) makes any tensor not copied show."""
-    write = ckpt.StateSnapshot.write
+    write = checkpointer.StateSnapshot.write
 
-    def slow_write(self: ckpt.StateSnapshot, folder: Path) -> None:
+    def slow_write(self: checkpointer.StateSnapshot, folder: Path) -> None:
         time.sleep(1.5)
         write(self, folder)
 
-    monkeypatch.setattr(ckpt.StateSnapshot, "write", slow_write)
+    monkeypatch.setattr(checkpointer.StateSnapshot, "write", slow_write)
     for mode in ("true", "false"):
         flags = ["--steps", "6", "--save_freq", "2", f"--async_checkpoint={mode}"]
         assert main(base_args(tiny_dataset, tmp_path / mode, *flags)) == 0
@@ -102,7 +104,7 @@ def test_a_snapshot_writes_the_files_of_a_synchronous_save(tmp_path: Path) -> No
     optimizer = torch.optim.AdamW(model.parameters())
     model.embed.weight.grad = torch.ones_like(model.embed.weight)
     optimizer.step()
-    snapshot = ckpt.StateSnapshot()
+    snapshot = checkpointer.StateSnapshot()
     snapshot.take_policy(model)
     snapshot.take_optimizer(optimizer.state_dict())
     snapshot.mark_taken()
@@ -113,14 +115,14 @@ def test_a_snapshot_writes_the_files_of_a_synchronous_save(tmp_path: Path) -> No
     snapshot.write(tmp_path)
     reference = Tied()
     reference.load_state_dict(taken)
-    ckpt.save_model(reference, str(tmp_path / "reference.safetensors"))
+    checkpointer.save_model(reference, str(tmp_path / "reference.safetensors"))
     assert (tmp_path / ckpt.POLICY_FILE).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
 
     written = ckpt.load_tensors(tmp_path / ckpt.OPTIMIZER_FILE)
     assert written["state"][0]["step"].item() == 1 and optimizer.state_dict()["state"][0]["step"].item() == 2
 
     fresh = Tied()
-    ckpt.load_policy_weights(fresh, tmp_path)
+    checkpointer.load_policy_weights(fresh, tmp_path)
     assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh.head.weight, reference.embed.weight)
 
 
@@ -191,15 +193,19 @@ def check_resumed_from_newest_valid(stderr: str, valid_before: list[int]) -> Non
         assert not valid_before
 
 
-def chaos(
-    tiny_dataset: Path, reference: Path, steps: int, tmp_path: Path, kills: int, seed: int, max_delay: float
-) -> None:
-    """Kill, restart with `latest`, repeat; then finish: the result must be the uninterrupted run's, bit for bit.
+@dataclass(frozen=True)
+class Kills:
+    """`count` kills, each up to `max_delay` seconds after the run trains a step (drawn with `seed`): long enough
+    to get past a checkpoint now and then, short enough that the run is not finished before the last kill."""
 
-    Each run is killed up to `max_delay` seconds after it trains a step: long enough to get past a checkpoint
-    now and then, short enough that `steps` are not finished before the last kill.
-    """
-    rng = random.Random(seed)
+    count: int
+    seed: int
+    max_delay: float
+
+
+def chaos(tiny_dataset: Path, reference: Path, steps: int, tmp_path: Path, kills: Kills) -> None:
+    """Kill, restart with `latest`, repeat; then finish: the result must be the uninterrupted run's, bit for bit."""
+    rng, max_delay = random.Random(kills.seed), kills.max_delay
     out = tmp_path / "out"
     args = base_args(
         tiny_dataset, out, "--steps", str(steps), "--image_transforms.enable=true", "--save_freq", "2",
@@ -208,7 +214,7 @@ def chaos(
     with HubServer() as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(tmp_path / "home")}
         logs = []
-        for _ in range(kills):
+        for _ in range(kills.count):
             valid_before = [s for s, p in ckpt.list_checkpoints(out) if ckpt.verify(p) is None]
             code, stderr = run_and_kill(args, env, out / "metrics.jsonl", delay=rng.uniform(0.0, max_delay))
             logs.append(stderr)
@@ -227,7 +233,8 @@ def chaos(
         assert not any(hub.token in text for text in logs)
         resumes = [re.findall(r"Resumed from \S+checkpoint-(\d+)", text) for text in logs]
         print(
-            f"chaos: {kills} kills, {sum(map(len, resumes))} resumes at steps {[int(r[0]) for r in resumes if r]}, "
+            f"chaos: {kills.count} kills, {sum(map(len, resumes))} resumes "
+            f"at steps {[int(r[0]) for r in resumes if r]}, "
             f"{sum(t.count('Skipping') for t in logs)} corrupted checkpoints skipped, "
             f"{sum(t.count('left by an interrupted checkpoint write') for t in logs)} partial writes cleaned, "
             "final weights bit-identical to the uninterrupted run"
@@ -235,7 +242,7 @@ def chaos(
 
 
 def test_chaos(tiny_dataset: Path, straight: Path, tmp_path: Path) -> None:
-    chaos(tiny_dataset, straight, STRAIGHT_STEPS, tmp_path, kills=5, seed=0, max_delay=1.5)
+    chaos(tiny_dataset, straight, STRAIGHT_STEPS, tmp_path, Kills(count=5, seed=0, max_delay=1.5))
 
 
 @pytest.mark.slow
@@ -244,4 +251,4 @@ def test_chaos_long(tiny_dataset: Path, tmp_path: Path) -> None:
     """50 kills over an 80-step run (its own uninterrupted reference), so they spread over many checkpoints."""
     reference = tmp_path / "reference"
     assert_ok(run_cli(base_args(tiny_dataset, reference, "--steps", "80", "--image_transforms.enable=true")))
-    chaos(tiny_dataset, reference, 80, tmp_path, kills=50, seed=1, max_delay=1.0)
+    chaos(tiny_dataset, reference, 80, tmp_path, Kills(count=50, seed=1, max_delay=1.0))

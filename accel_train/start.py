@@ -1,0 +1,158 @@
+"""Where a run starts: fresh, from a checkpoint to resume, or from one whose weights it is initialised with.
+
+A checkpoint brings its own config (`train_config.json`); the flags given now override it, so the spec's short
+resume command continues the run with the policy and settings it was started with. The main process finds (and,
+from the Hub, downloads) the checkpoint; every rank gets its answer, or its error, so that all stop or go on
+together.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from accel_train import checkpoint as ckpt
+from accel_train import hub
+from accel_train.config import DEFAULT_POLICY_TYPE, TrainConfig, gives_policy_type, parse
+from accel_train.errors import TrainError
+from accel_train.metrics import METRICS_FILE, TRACKER_PATHS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Start:
+    """The config of the run and what it continues from."""
+
+    cfg: TrainConfig
+    resume: Path | None = None  # a checkpoint to continue: weights, optimizer, schedule, data position
+    init: Path | None = None  # a checkpoint whose weights and processors start a fresh run (--init_from)
+    saved: ckpt.TrainerState | None = None  # the resumed checkpoint's trainer state (None for the spec's 4 files)
+    step: int = 0
+
+    @property
+    def source(self) -> Path | None:
+        """The checkpoint the policy's weights and processors come from, if any."""
+        return self.resume or self.init
+
+    @property
+    def finished(self) -> bool:
+        """`--resume_from_checkpoint latest` found a checkpoint at or past --steps: nothing left to train."""
+        return self.resume is not None and self.step >= self.cfg.steps
+
+
+def locate_start(args: list[str], processes: PartialState) -> Start:
+    """Parse the command line, find the checkpoint it continues from, and lay the flags over its config."""
+    cfg = parse(args)
+    if processes.is_main_process:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_temporary(cfg.output_dir)
+    processes.wait_for_everyone()
+    resume = _shared_answer(cfg.resume_from_checkpoint, cfg, processes)
+    init = None if resume else _shared_answer(cfg.init_from, cfg, processes)
+    if resume or init:
+        cfg = _reparse_over_checkpoint(args, cfg, resume or init, keep_training_state=resume is not None)
+    if resume is None:
+        _guard_existing_checkpoints(cfg, processes)
+        return Start(cfg, init=init)
+    saved = ckpt.read_state(resume)
+    start = Start(cfg, resume=resume, saved=saved, step=ckpt.resume_step(resume, saved))
+    if start.finished and cfg.resume_from_checkpoint != "latest":
+        raise TrainError(
+            f"--steps {cfg.steps} is not above the step of {resume.name} ({start.step}): nothing to train. "
+            "Pass a larger --steps to train further."
+        )
+    return start
+
+
+def _shared_answer(spec: str | None, cfg: TrainConfig, processes: PartialState) -> Path | None:
+    """The checkpoint folder `spec` names, found by the main process; its answer or error broadcast to all ranks."""
+    if not spec:
+        return None
+    answer: list[Any] = [None]
+    if processes.is_main_process:
+        try:
+            answer = [("path", find_checkpoint(spec, cfg))]
+        except TrainError as error:
+            answer = [("error", str(error))]
+    broadcast_object_list(answer)
+    kind, value = answer[0]
+    if kind == "error":
+        raise TrainError(value)
+    return value
+
+
+def find_checkpoint(spec: str, cfg: TrainConfig) -> Path | None:
+    """A folder, `latest` (the newest of the output dir's and, with --hub_repo_id, the Hub's), or hf://..."""
+    if hub.is_hub_uri(spec):
+        return hub.fetch_checkpoint(spec, cfg.output_dir)
+    if spec != "latest":
+        return ckpt.resolve(spec, cfg.output_dir)
+    local = ckpt.find_latest(cfg.output_dir)
+    if cfg.hub_repo_id:
+        remote = hub.latest_remote_step(cfg.hub_repo_id, cfg.hub_revision)
+        if remote is not None and (local is None or remote > ckpt.step_from_name(local)):
+            revision = f"@{cfg.hub_revision}" if cfg.hub_revision else ""
+            log.info("The Hub holds a newer checkpoint (step %d) than %s", remote, cfg.output_dir)
+            uri = f"{hub.URI_PREFIX}{cfg.hub_repo_id}/{ckpt.name_for(remote)}{revision}"
+            return hub.fetch_checkpoint(uri, cfg.output_dir)
+    return local
+
+
+def _reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, keep_training_state: bool) -> TrainConfig:
+    """Config = the checkpoint's config, overridden by what the user passes now; a changed policy type is an error."""
+    saved = ckpt.read_train_config(source)
+    saved_policy = saved["policy"] if saved else ckpt.read_policy_config(source)
+    if saved_policy is None:
+        log.warning(
+            "%s has no %s or %s: using the policy config of the command line.",
+            source,
+            ckpt.TRAIN_CONFIG_FILE,
+            ckpt.POLICY_CONFIG_FILE,
+        )
+        return cfg
+    explicit_type = gives_policy_type(args) or cfg.policy.type != DEFAULT_POLICY_TYPE  # from flags or --config
+    if explicit_type and cfg.policy.type != saved_policy.get("type"):
+        raise TrainError(
+            f"{source} holds a '{saved_policy.get('type')}' policy, but this run asks for '{cfg.policy.type}'. "
+            f"A checkpoint resumes only into the same policy type; drop --policy.type or start a new --output_dir."
+        )
+    base = dict(saved) if (saved and keep_training_state) else {}
+    base["policy"] = saved_policy
+    for key in ("resume_from_checkpoint", "init_from", "overwrite"):  # where to start is never inherited
+        base.pop(key, None)
+    new = parse(args, base=base)
+    if saved and keep_training_state:
+        for key, value in new.to_dict().items():
+            if key not in ("resume_from_checkpoint", "output_dir", "policy") and saved.get(key) != value:
+                log.warning("Resuming with %s changed: %s -> %s", key, saved.get(key), value)
+    return new
+
+
+def _guard_existing_checkpoints(cfg: TrainConfig, processes: PartialState) -> None:
+    """A fresh run never touches an output dir's checkpoints, unless --overwrite says so."""
+    existing = ckpt.list_checkpoints(cfg.output_dir)
+    if not existing:
+        return
+    if not cfg.overwrite:
+        names = ", ".join(p.name for _, p in existing[-3:])
+        raise TrainError(
+            f"{cfg.output_dir} already holds checkpoints ({names}) and this run would start from scratch. "
+            "To continue it, add --resume_from_checkpoint latest; to discard them, add --overwrite; or choose "
+            "another --output_dir."
+        )
+    if processes.is_main_process:
+        log.warning("--overwrite: deleting %d checkpoints in %s", len(existing), cfg.output_dir)
+        for _, path in existing:
+            shutil.rmtree(path)
+        (cfg.output_dir / METRICS_FILE).unlink(missing_ok=True)
+        for name in TRACKER_PATHS:
+            path = cfg.output_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    processes.wait_for_everyone()

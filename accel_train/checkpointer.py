@@ -297,6 +297,8 @@ class Checkpointer:
         self.schedule = Every(cfg.save_freq, cfg.steps)
         self.resumed_from: Path | None = None
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded and is_adapted(parts.policy):
+            raise TrainError("--peft under FSDP is not supported: its checkpoints are consolidated full weights.")
         # FSDP replaces the parameter objects; their names, taken now, map the optimizer's ids on load.
         self.parameter_names = parameter_names(parts.policy, parts.optimizer) if self.sharded else []
         self.asynchronous = cfg.async_checkpoint

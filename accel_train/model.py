@@ -47,7 +47,12 @@ def wrap_with_adapters(policy: PreTrainedPolicy, cfg: TrainConfig) -> torch.nn.M
     config names the base as the user gave it (repo id or folder) at its resolved commit, so lerobot's own PEFT
     loading finds that exact base again."""
     base = cfg.base_policy
-    policy.config.pretrained_path = base.path if base is not None else None
+    if base is None:
+        raise TrainError(
+            f"--peft adds {cfg.peft.method_type} adapters to a pretrained policy: give it with --policy.path "
+            "(adapters on a policy trained from scratch have nothing to adapt)."
+        )
+    policy.config.pretrained_path = base.path
     try:
         wrapped = policy.wrap_with_peft(peft_cli_overrides=dataclasses.asdict(cfg.peft))
     except ImportError as error:
@@ -61,7 +66,7 @@ def wrap_with_adapters(policy: PreTrainedPolicy, cfg: TrainConfig) -> torch.nn.M
         ) from None
     finally:
         policy.config.pretrained_path = None
-    if base is not None and base.commit:
+    if base.commit:
         for adapter in wrapped.peft_config.values():
             adapter.revision = base.commit
     return wrapped

@@ -219,3 +219,48 @@ def test_peft_targets_that_match_nothing(capsys, tiny_dataset: Path, base: Path,
     fails(capsys, base_args(tiny_dataset, tmp_path / "out", "--policy.path", str(base), "--peft.method_type=LORA",
                             '--peft.target_modules=["no_such_layer"]'),
           "Could not add LORA adapters to the act policy", "its linear layers include")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def smolvla_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny "pretrained" SmolVLA on a tiny SmolVLM stand-in, both built offline (tests/stand_ins.py)."""
+    import stand_ins
+
+    root = tmp_path_factory.mktemp("smolvla")
+    return stand_ins.smolvla_policy(root / "policy", stand_ins.smolvlm(root / "vlm"))
+
+
+def test_smolvla_lora_from_the_hub_resumes_exactly_on_another_machine(
+    smolvla_base: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """SmolVLA from a Hub repo with LoRA on its default targets: a resume with an empty cache fetches the base
+    at the recorded commit, verifies it, and continues bit-identically. Its checkpoints are a fraction of a full
+    fine-tune's."""
+    common = ["--batch_size", "4", "--save_freq", "2"]
+    full = tmp_path / "full"
+    args = base_args(tiny_dataset, full, "--steps", "2", "--policy.path", str(smolvla_base), *common)
+    assert_ok(run_cli(args))
+    with HubServer() as hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=hub.url, token=hub.token)
+        api.create_repo("test-user/smolvla-base")
+        commit = api.upload_folder(repo_id="test-user/smolvla-base", folder_path=smolvla_base).oid
+
+        def machine(name: str) -> dict[str, str]:
+            return {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(tmp_path / name)}
+
+        lora = ["--policy.path=test-user/smolvla-base", "--peft.method_type=LORA", "--peft.r=4", *common]
+        straight, out = tmp_path / "straight", tmp_path / "out"
+        assert_ok(run_cli(base_args(tiny_dataset, straight, "--steps", "4", *lora), env=machine("a")))
+        assert_ok(run_cli(base_args(tiny_dataset, out, "--steps", "2", *lora), env=machine("b")))
+        resume = base_args(tiny_dataset, out, "--steps", "4", "--resume_from_checkpoint", "latest", *common)
+        assert_ok(run_cli(resume, env=machine("c")))  # an empty cache: the base comes from the Hub again
+    assert losses(out) == losses(straight) and len(losses(out)) == 4
+    assert same_weights(out / "adapter_model.safetensors", straight / "adapter_model.safetensors")
+    base = json.loads((out / "checkpoint-4" / "train_config.json").read_text())["base_policy"]
+    assert base["path"] == "test-user/smolvla-base" and base["commit"] == commit
+    adapter_size = (out / "checkpoint-2" / "policy.safetensors").stat().st_size
+    full_size = (full / "checkpoint-2" / "policy.safetensors").stat().st_size
+    print(f"SmolVLA checkpoint: LoRA {adapter_size} bytes, full fine-tune {full_size} bytes")
+    assert adapter_size < full_size / 10

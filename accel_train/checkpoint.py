@@ -267,6 +267,9 @@ EXPORT_COPIES = {
     POSTPROCESSOR_FILE: ("policy_postprocessor.json", POSTPROCESSOR_FILE),
     POLICY_CONFIG_FILE: (POLICY_CONFIG_FILE,),
 }
+# An adapter checkpoint (--peft) holds PEFT's adapter files: its policy file is an adapter_model.safetensors.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_COPIES = {**EXPORT_COPIES, POLICY_FILE: ("adapter_model.safetensors", POLICY_FILE)}
 
 # Training state a deployed model does not need (the optimizer alone is twice the policy's size).
 NOT_EXPORTED = {MANIFEST_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE}
@@ -274,7 +277,9 @@ NOT_EXPORTED = {MANIFEST_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE}
 
 def export(checkpoint: Path, dest: Path) -> list[Path]:
     """A checkpoint as a model folder: lerobot's names (from_pretrained, make_pre_post_processors) and the spec's
-    (policy.safetensors, preprocessor_config.json, postprocessor_config.json), processor stats, configs.
+    (policy.safetensors, preprocessor_config.json, postprocessor_config.json), processor stats, configs. An adapter
+    checkpoint becomes a PEFT adapter folder (adapter_model.safetensors, adapter_config.json, config.json with
+    use_peft), which lerobot's PEFT loading path puts on its base.
 
     Copies files instead of re-serialising the policy, so the export is the checkpoint's exact bytes and needs
     no model in memory (under FSDP none holds all the weights). Staged in a temporary folder, then moved file
@@ -293,10 +298,11 @@ def export(checkpoint: Path, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     staging = dest / f".tmp-export-{os.getpid()}-{int(time.time())}"
     staging.mkdir()
+    copies = ADAPTER_COPIES if (checkpoint / ADAPTER_CONFIG_FILE).is_file() else EXPORT_COPIES
     for source in sorted(checkpoint.iterdir()):
         if source.name in NOT_EXPORTED or not source.is_file():
             continue
-        names = EXPORT_COPIES.get(source.name, (source.name,))
+        names = copies.get(source.name, (source.name,))
         shutil.copyfile(source, staging / names[0])
         for alias in names[1:]:
             os.link(staging / names[0], staging / alias)  # same bytes, one copy on disk

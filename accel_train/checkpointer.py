@@ -66,6 +66,29 @@ ACCELERATE_FILES = {"optimizer.bin": OPTIMIZER_FILE, "scheduler.bin": SCHEDULER_
 FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"
 
 
+def is_adapted(policy: torch.nn.Module) -> bool:
+    """A policy wrapped with PEFT adapters (--peft)."""
+    return hasattr(policy, "peft_config")
+
+
+def policy_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the (unwrapped) policy: its whole state; or for an adapter fine-tune only what
+    training changes (adapters, fully trained modules), in PEFT's own adapter format (`get_peft_model_state_dict`),
+    so that the file is an adapter_model.safetensors; the frozen base comes from `base_policy`."""
+    if is_adapted(policy):
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(policy)
+    return policy.state_dict()
+
+
+def write_policy_file(policy: torch.nn.Module, path: Path) -> None:
+    if is_adapted(policy):
+        save_file({k: v.contiguous() for k, v in policy_state(policy).items()}, path)
+    else:
+        save_model(policy, str(path))
+
+
 def check_policy_file(policy: torch.nn.Module, checkpoint: Path) -> None:
     """policy.safetensors must hold every tensor of `policy` (unwrapped), shape for shape: else a readable error."""
     path = checkpoint / POLICY_FILE
@@ -74,14 +97,14 @@ def check_policy_file(policy: torch.nn.Module, checkpoint: Path) -> None:
             shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
         raise TrainError(f"{path} is not a valid safetensors file ({error}); the checkpoint is damaged.") from None
-    expected = policy.state_dict()
+    expected = policy_state(policy)
     missing = sorted(set(expected) - set(shapes) - set(tied_names(expected)))  # a tied weight is saved once
     unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise TrainError(
             f"{path} does not fit the {policy.config.type} policy being built: {len(missing)} missing tensors "
             f"({', '.join(missing[:3])}...) and {len(unexpected)} unexpected ones ({', '.join(unexpected[:3])}...). "
-            "The checkpoint comes from another policy type or architecture."
+            "The checkpoint comes from another policy type, architecture or adapter setting (--peft)."
         )
     for name, shape in shapes.items():
         if shape != tuple(expected[name].shape):
@@ -92,9 +115,15 @@ def check_policy_file(policy: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def load_policy_weights(policy: PreTrainedPolicy, checkpoint: Path) -> None:
-    """Strictly load policy.safetensors into the (unwrapped) policy, with a readable error when it does not fit."""
+    """Strictly load policy.safetensors into the (unwrapped) policy, with a readable error when it does not fit.
+    An adapter checkpoint holds the trained tensors only: those, all of them, go into the adapted policy."""
     check_policy_file(policy, checkpoint)
-    load_model(policy, checkpoint / POLICY_FILE, strict=True)
+    if is_adapted(policy):
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(checkpoint / POLICY_FILE))  # every name checked just above
+    else:
+        load_model(policy, checkpoint / POLICY_FILE, strict=True)
 
 
 def load_sharded_policy_weights(policy: torch.nn.Module, checkpoint: Path) -> None:
@@ -210,7 +239,7 @@ class StateSnapshot:
     def take_policy(self, policy: torch.nn.Module) -> None:
         """First in a save (from save_state's pre-hook): starts a new snapshot."""
         self._copied, self.optimizer = None, None
-        weights = policy.state_dict()
+        weights = policy_state(policy)
         tied = tied_names(weights)
         self.policy_metadata = tied or None  # save_model's header: {dropped: kept}, or none
         self.policy = {name: self._copy(f"policy/{name}", t) for name, t in weights.items() if name not in tied}
@@ -268,6 +297,8 @@ class Checkpointer:
         self.schedule = Every(cfg.save_freq, cfg.steps)
         self.resumed_from: Path | None = None
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded and is_adapted(parts.policy):
+            raise TrainError("--peft under FSDP is not supported: its checkpoints are consolidated full weights.")
         # FSDP replaces the parameter objects; their names, taken now, map the optimizer's ids on load.
         self.parameter_names = parameter_names(parts.policy, parts.optimizer) if self.sharded else []
         self.asynchronous = cfg.async_checkpoint
@@ -347,8 +378,10 @@ class Checkpointer:
 
     def _write_policy_files(self, folder: Path, policy: PreTrainedPolicy) -> None:
         if not self.sharded and self.snapshot is None:
-            save_model(policy, str(folder / POLICY_FILE))
+            write_policy_file(policy, folder / POLICY_FILE)
         policy.config._save_pretrained(folder)
+        if is_adapted(policy):
+            policy.peft_config["default"].save_pretrained(folder)  # adapter_config.json
         self.parts.preprocessor.save_pretrained(folder, config_filename=PREPROCESSOR_FILE)
         self.parts.postprocessor.save_pretrained(folder, config_filename=POSTPROCESSOR_FILE)
         (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(self.train_config, indent=2))

@@ -3,8 +3,10 @@
 accel-train [TRAINING FLAGS]            train (`accel-train --help` lists the flags)
 accel-train plot OUT                    OUT/training_curves.png from OUT/metrics.jsonl
 accel-train checkpoints OUT|hf://U/R    list checkpoints: step, size, verified, pushed, age  [--json]
-accel-train export CKPT DIR             a lerobot pretrained folder (config.json, model.safetensors,
-                                        processors) from a checkpoint folder or hf://USER/REPO[/checkpoint-N]
+accel-train export CKPT DIR [--merge]   a lerobot pretrained folder (config.json, model.safetensors,
+                                        processors) from a checkpoint folder or hf://USER/REPO[/checkpoint-N];
+                                        an adapter (--peft) checkpoint exports as a PEFT adapter, or with
+                                        --merge as a full policy (its base fetched and verified)
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from accel_train import catalog, hub, plot, train
+from accel_train import adapters, catalog, hub, plot, train
 from accel_train import checkpoint as ckpt
 from accel_train.errors import TrainError
 
 TOOLS = ("plot", "checkpoints", "export")
 
 
-def export(source: str, dest: Path) -> list[Path]:
+def export(source: str, dest: Path, merge: bool = False) -> list[Path]:
+    write = adapters.export_merged if merge else ckpt.export
     if not hub.is_hub_uri(source):
-        return ckpt.export(Path(source), dest)
+        return write(Path(source), dest)
     with tempfile.TemporaryDirectory() as scratch:  # downloaded and verified, then exported, then dropped
-        return ckpt.export(hub.fetch_checkpoint(source, Path(scratch)), dest)
+        return write(hub.fetch_checkpoint(source, Path(scratch)), dest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser.add_argument("checkpoint", help="a checkpoint folder, or hf://USER/REPO[/checkpoint-N][@revision]")
         parser.add_argument("dest", type=Path)
+        parser.add_argument("--merge", action="store_true", help="fold an adapter checkpoint into its base")
     options = parser.parse_args(args[1:])
     try:
         if args[0] == "plot":
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args[0] == "checkpoints":
             print(catalog.render(catalog.rows(options.target), options.json))
         else:
-            written = export(options.checkpoint, options.dest)
+            written = export(options.checkpoint, options.dest, options.merge)
             print(f"Exported {len(written)} files to {options.dest}")
     except TrainError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,6 +26,7 @@ from draccus.argparsing import ArgumentParser
 from draccus.cfgparsing import parse_string
 from draccus.parsers import decoding
 from draccus.utils import deflatten
+from lerobot.configs.default import PeftConfig
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.optim.optimizers import OptimizerConfig
 from lerobot.optim.schedulers import LRSchedulerConfig
@@ -49,6 +50,17 @@ class Every:
 
 
 @dataclass
+class BasePolicy:
+    """Where a fine-tune's starting weights came from (`--policy.path`): a folder, or a Hub repo and the commit its
+    revision resolved to; and the sha256 of its model.safetensors."""
+
+    path: str
+    revision: str | None = None
+    commit: str | None = None
+    sha256: str | None = None
+
+
+@dataclass
 class TrainConfig:
     # Where checkpoints, metrics and the final model go.
     output_dir: Path | None = None
@@ -63,6 +75,12 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     # Fine-tune: weights and processors from this checkpoint, fresh optimizer, step 0.
     init_from: str | None = None
+    # Set from --policy.path=REPO_ID|DIR (and --policy.pretrained_revision): the pretrained lerobot policy this run
+    # fine-tunes; recorded with the resolved commit and the sha256 of its weights.
+    base_policy: BasePolicy | None = None
+    # Dataset keys -> the keys the pretrained policy expects (lerobot's rename_map, applied by the processors), e.g.
+    # {"observation.images.front": "observation.images.camera1"}.
+    rename_map: dict[str, str] = field(default_factory=dict)
     # Allow a fresh run into an output_dir that already holds checkpoints (they are deleted).
     overwrite: bool = False
     # Push every checkpoint to the Hub in the background (token from HF_TOKEN or the login cache).
@@ -100,6 +118,9 @@ class TrainConfig:
     optimizer: OptimizerConfig | None = None
     scheduler: LRSchedulerConfig | None = None
     image_transforms: ImageTransformsConfig = field(default_factory=ImageTransformsConfig)
+    # Parameter-efficient fine-tuning with lerobot's PEFT wrapper (--peft.method_type=LORA --peft.r=16
+    # [--peft.target_modules ...]): only the adapters (and --peft.full_training_modules) train and are saved.
+    peft: PeftConfig | None = None
     policy: PreTrainedConfig | None = None
 
     def validate(self) -> None:
@@ -192,6 +213,47 @@ def split_config_flag(args: list[str]) -> tuple[Path | None, list[str]]:
     return (Path(config) if config else None), rest
 
 
+def split_policy_path(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--policy.path=X` / `--policy.path X` out of args: lerobot-train's spelling of "fine-tune this
+    pretrained policy", which is not a field of the policy config."""
+    rest, path = [], None
+    it = iter(args)
+    for arg in it:
+        if arg == "--policy.path":
+            path = next(it, None)
+            if path is None or path.startswith("--"):
+                raise UsageError("--policy.path needs a Hub repo id or a folder.")
+        elif arg.startswith("--policy.path="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return path, rest
+
+
+def flag_value(args: list[str], name: str) -> str | None:
+    """The value of `--name=V` or `--name V` in args, the last one given, if any."""
+    value = None
+    for arg, following in zip(args, [*args[1:], None], strict=True):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and following is not None and not following.startswith("--"):
+            value = following
+    return value
+
+
+def without_section(args: list[str], section: str) -> list[str]:
+    """args without the flags of one section (`--policy.*`), values given as separate arguments included."""
+    rest, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg.startswith(f"--{section}."):
+            skip = "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--")
+        else:
+            rest.append(arg)
+    return rest
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     merged = dict(base)
     for key, value in top.items():
@@ -208,12 +270,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 def gives_policy_type(args: list[str]) -> str | None:
     """The policy type the flags name (`--policy.type=T` or `--policy.type T`), if they name one."""
-    for arg, following in zip(args, [*args[1:], None], strict=True):
-        if arg.startswith("--policy.type="):
-            return arg.split("=", 1)[1]
-        if arg == "--policy.type":
-            return following
-    return None
+    return flag_value(args, "policy.type")
 
 
 def _section_types(args: list[str], layers: dict) -> dict[str, str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import (
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -329,3 +329,51 @@ def fetch_checkpoint(spec: str, output_dir: Path) -> Path:
         raise _hub_error(error, repo_id, revision) from None
     staging.rename(final)
     return final
+
+
+MODEL_CARD = """
+# {title}
+
+A [LeRobot](https://github.com/huggingface/lerobot) `{policy_type}` policy trained with accel-train on
+{datasets}, {steps} optimizer steps.
+
+{how_to_load}
+"""
+
+
+def write_model_card(train_config: dict[str, Any], dest: Path) -> Path:
+    """OUT/README.md with lerobot-style metadata (library, robotics/lerobot/policy-type tags, datasets, base
+    model), so that the model's Hub page says what it is and what it came from."""
+    policy_type = train_config["policy"]["type"]
+    base = train_config.get("base_policy") or {}
+    adapter = train_config.get("peft") is not None
+    tags = ["robotics", "lerobot", policy_type, *(["peft", "lora"] if adapter else [])]
+    data = ModelCardData(
+        library_name="lerobot",
+        pipeline_tag="robotics",
+        tags=tags,
+        datasets=[train_config["dataset_id"]],
+        base_model=base.get("path") if base.get("commit") else None,  # a Hub repo id, not a local folder
+    )
+    if adapter:
+        how_to_load = (
+            f"A {train_config['peft']['method_type']} adapter on `{base.get('path')}`: lerobot's PEFT loading "
+            "(`make_policy` with `pretrained_path` set to this repo) puts it on its base; `accel-train export "
+            "CHECKPOINT DIR --merge` writes the merged policy."
+        )
+    else:
+        how_to_load = "Load it with lerobot's `from_pretrained` (e.g. `ACTPolicy.from_pretrained(REPO)` for ACT)."
+        if base.get("path"):
+            how_to_load = f"Fine-tuned from `{base['path']}`. " + how_to_load
+    card = ModelCard.from_template(
+        data,
+        template_str="---\n{{ card_data }}\n---\n" + MODEL_CARD,
+        title=f"{policy_type} policy",
+        policy_type=policy_type,
+        datasets=train_config["dataset_id"],
+        steps=train_config["steps"],
+        how_to_load=how_to_load,
+    )
+    path = dest / "README.md"
+    card.save(path)
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,73 +13,126 @@ from accelerate import Accelerator
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.policies import PreTrainedPolicy, make_policy, make_pre_post_processors
-from lerobot.processor import PolicyProcessorPipeline
-from lerobot.utils.feature_utils import dataset_to_policy_features
+from lerobot.processor import PolicyProcessorPipeline, RenameObservationsProcessorStep, rename_stats
 
 from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
+from accel_train.features import adopt_dataset_shapes, check_fits
 
 log = logging.getLogger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 POSTPROCESSOR_FILE = "postprocessor_config.json"
+# lerobot's names, in a pretrained policy's folder
+PRETRAINED_PREPROCESSOR = "policy_preprocessor.json"
+PRETRAINED_POSTPROCESSOR = "policy_postprocessor.json"
 
 
-def check_features(policy_cfg: PreTrainedConfig, dataset: LeRobotDataset, source: str) -> None:
-    """A policy config that came from a checkpoint must fit this dataset's features, shape for shape."""
-    dataset_features = dataset_to_policy_features(dataset.meta.features)
-    for key, feature in {**policy_cfg.input_features, **policy_cfg.output_features}.items():
-        if key not in dataset_features:
-            raise TrainError(
-                f"The policy from {source} expects the feature '{key}', which the dataset "
-                f"'{dataset.repo_id}' does not have (it has: {', '.join(sorted(dataset_features))})."
-            )
-        if tuple(feature.shape) != tuple(dataset_features[key].shape):
-            raise TrainError(
-                f"The policy from {source} expects '{key}' of shape {tuple(feature.shape)}, but the dataset "
-                f"'{dataset.repo_id}' has shape {tuple(dataset_features[key].shape)}: the checkpoint was "
-                "trained on a different robot or camera setup."
-            )
-
-
-def build_policy(cfg: TrainConfig, dataset: LeRobotDataset) -> PreTrainedPolicy:
-    """A fresh policy of cfg.policy's type, its features taken from the dataset (lerobot's make_policy)."""
+def build_policy(cfg: TrainConfig, dataset: LeRobotDataset, pretrained: Path | None) -> PreTrainedPolicy:
+    """A policy of cfg.policy's type with the dataset's features (lerobot's make_policy): fresh, or with the
+    weights of a pretrained policy's folder, loaded by that policy class's own from_pretrained."""
+    # make_policy loads a pretrained folder when pretrained_path is set, and a PEFT adapter when use_peft is: this
+    # run adds its adapters itself (wrap_with_adapters), on the base from `pretrained`.
+    cfg.policy.pretrained_path, cfg.policy.use_peft = pretrained, False
     try:
-        return make_policy(cfg.policy, ds_meta=dataset.meta)
-    except (ValueError, KeyError, NotImplementedError, ImportError) as error:
+        return make_policy(cfg.policy, ds_meta=dataset.meta, rename_map=cfg.rename_map)
+    except (ValueError, KeyError, NotImplementedError, ImportError, RuntimeError) as error:
         raise TrainError(f"Could not build a '{cfg.policy.type}' policy: {error}") from None
+    finally:
+        cfg.policy.pretrained_path = None  # the run's config names the weights by base_policy, not by this folder
+
+
+def wrap_with_adapters(policy: PreTrainedPolicy, cfg: TrainConfig) -> torch.nn.Module:
+    """lerobot's PEFT wrapper: the base frozen, adapters (and --peft.full_training_modules) trainable. The adapter
+    config names the base as the user gave it (repo id or folder) at its resolved commit, so lerobot's own PEFT
+    loading finds that exact base again."""
+    base = cfg.base_policy
+    if base is None:
+        raise TrainError(
+            f"--peft adds {cfg.peft.method_type} adapters to a pretrained policy: give it with --policy.path "
+            "(adapters on a policy trained from scratch have nothing to adapt)."
+        )
+    policy.config.pretrained_path = base.path
+    try:
+        wrapped = policy.wrap_with_peft(peft_cli_overrides=dataclasses.asdict(cfg.peft))
+    except ImportError as error:
+        raise TrainError(f"--peft needs the peft package: pip install -e '.[peft]' ({error}).") from None
+    except (ValueError, KeyError) as error:  # PEFT: no module matches the targets; lerobot: no base to adapt
+        linear = [name for name, module in policy.named_modules() if isinstance(module, torch.nn.Linear)]
+        raise TrainError(
+            f"Could not add {cfg.peft.method_type} adapters to the {cfg.policy.type} policy: {error}. "
+            f"--peft.target_modules names modules by suffix, a list, or a regular expression; its linear "
+            f"layers include {', '.join(linear[:6])}{' ...' if len(linear) > 6 else ''}."
+        ) from None
+    finally:
+        policy.config.pretrained_path = None
+    if base.commit:
+        for adapter in wrapped.peft_config.values():
+            adapter.revision = base.commit
+    return wrapped
 
 
 def build_processors(
-    policy_cfg: PreTrainedConfig, dataset: LeRobotDataset, source: Path | None
+    cfg: TrainConfig, dataset: LeRobotDataset, source: Path | None, pretrained: Path | None
 ) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
-    """Pre/post-processors from a checkpoint folder, or from the dataset's stats.
+    """Pre/post-processors from a checkpoint folder; or a pretrained policy's, with this dataset's stats (as
+    lerobot-train does for a fine-tune) and the rename map; or new ones from the dataset's stats.
 
-    A checkpoint without processor files (the spec's format allows it) falls back to the dataset's stats
-    with a warning, as lerobot-train does for a fresh run.
+    A checkpoint or pretrained policy without processor files falls back to the dataset's stats with a warning.
     """
-    overrides = {"device_processor": {"device": policy_cfg.device}}
-    if source is not None:
-        missing = [name for name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE) if not (source / name).is_file()]
-        if not missing:
-            try:
-                return make_pre_post_processors(
-                    policy_cfg,
-                    pretrained_path=str(source),
-                    preprocessor_config_filename=PREPROCESSOR_FILE,
-                    postprocessor_config_filename=POSTPROCESSOR_FILE,
-                    preprocessor_overrides=overrides,
-                )
-            except Exception as error:  # a json or stats file that lerobot cannot read
-                raise TrainError(
-                    f"The processors in {source} could not be loaded ({type(error).__name__}: {error}). "
-                    f"Delete {PREPROCESSOR_FILE} and {POSTPROCESSOR_FILE} there to rebuild them from the "
-                    "dataset's statistics."
-                ) from None
-        log.warning(
-            "%s has no %s: rebuilding the processors from the dataset's statistics.", source, " or ".join(missing)
+    device = {"device_processor": {"device": cfg.policy.device}}
+    if source is not None and _has_files(source, PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
+        return _load_processors(cfg.policy, source, (PREPROCESSOR_FILE, POSTPROCESSOR_FILE), (device, {}))
+    # Normalisation stats under the names the policy sees (lerobot's rename_stats; lerobot-train 0.6.1 skips it).
+    stats = rename_stats(dataset.meta.stats, cfg.rename_map)
+    if pretrained is not None and _has_files(pretrained, PRETRAINED_PREPROCESSOR, PRETRAINED_POSTPROCESSOR):
+        policy_cfg = cfg.policy
+        features, norm_map = (
+            {**policy_cfg.input_features, **policy_cfg.output_features},
+            policy_cfg.normalization_mapping,
         )
-    return make_pre_post_processors(policy_cfg, dataset_stats=dataset.meta.stats)
+        pre = {
+            **device,
+            "normalizer_processor": {"stats": stats, "features": features, "norm_map": norm_map},
+            "rename_observations_processor": {"rename_map": dict(cfg.rename_map)},
+        }
+        post = {
+            "unnormalizer_processor": {"stats": stats, "features": policy_cfg.output_features, "norm_map": norm_map}
+        }
+        return _load_processors(
+            cfg.policy, pretrained, (PRETRAINED_PREPROCESSOR, PRETRAINED_POSTPROCESSOR), (pre, post)
+        )
+    if source is not None or pretrained is not None:
+        log.warning("%s has no processor files: building them from the dataset's statistics.", source or pretrained)
+    preprocessor, postprocessor = make_pre_post_processors(cfg.policy, dataset_stats=stats)
+    for step in preprocessor.steps:
+        if isinstance(step, RenameObservationsProcessorStep):
+            step.rename_map = dict(cfg.rename_map)
+    return preprocessor, postprocessor
+
+
+def _has_files(folder: Path, *names: str) -> bool:
+    return all((folder / name).is_file() for name in names)
+
+
+def _load_processors(
+    policy_cfg: PreTrainedConfig, folder: Path, names: tuple[str, str], overrides: tuple[dict, dict]
+) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
+    """lerobot's processor files `names` in `folder`, with (pre, post) `overrides` of their steps' settings."""
+    try:
+        return make_pre_post_processors(
+            policy_cfg,
+            pretrained_path=str(folder),
+            preprocessor_config_filename=names[0],
+            postprocessor_config_filename=names[1],
+            preprocessor_overrides=overrides[0],
+            postprocessor_overrides=overrides[1],
+        )
+    except Exception as error:  # a json or stats file that lerobot cannot read
+        raise TrainError(
+            f"The processors in {folder} could not be loaded ({type(error).__name__}: {error}). Delete {names[0]} "
+            f"and {names[1]} there to rebuild them from the dataset's statistics."
+        ) from None
 
 
 def build_optimizer(cfg: TrainConfig, policy: PreTrainedPolicy):
@@ -112,12 +166,21 @@ class PolicyParts:
             self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
 
 
-def build_parts(cfg: TrainConfig, dataset: LeRobotDataset, source: Path | None) -> PolicyParts:
-    """A fresh policy of cfg.policy's type (weights come later, from the checkpointer), its processors (from
-    `source` when it has them, else the dataset's stats), and the optimizer and schedule."""
-    policy = build_policy(cfg, dataset)
-    if source is not None:
-        check_features(cfg.policy, dataset, str(source))
-    preprocessor, postprocessor = build_processors(cfg.policy, dataset, source)
+def build_parts(cfg: TrainConfig, dataset: LeRobotDataset, source: Path | None, pretrained: Path | None) -> PolicyParts:
+    """The policy (fresh, its weights loaded later by the checkpointer from `source`; or from a pretrained
+    policy's folder), its processors, and the optimizer and schedule."""
+    if cfg.rename_map and source is None and pretrained is None:
+        raise TrainError(
+            "--rename_map maps dataset keys to those of a pretrained policy: give the policy with --policy.path "
+            "(a policy trained from scratch takes the dataset's own keys)."
+        )
+    if source is not None or pretrained is not None:
+        where = str(source or cfg.base_policy.path)
+        check_fits(cfg.policy, dataset, cfg.rename_map, where)
+        adopt_dataset_shapes(cfg.policy, dataset, cfg.rename_map)
+    policy = build_policy(cfg, dataset, pretrained)
+    if cfg.peft is not None:
+        policy = wrap_with_adapters(policy, cfg)
+    preprocessor, postprocessor = build_processors(cfg, dataset, source, pretrained)
     optimizer, scheduler = build_optimizer(cfg, policy)
     return PolicyParts(policy, preprocessor, postprocessor, optimizer, scheduler)

@@ -8,8 +8,10 @@ together.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,16 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from accel_train import checkpoint as ckpt
-from accel_train import hub
-from accel_train.config import DEFAULT_POLICY_TYPE, TrainConfig, gives_policy_type, parse
+from accel_train import hub, pretrained
+from accel_train.config import (
+    DEFAULT_POLICY_TYPE,
+    TrainConfig,
+    flag_value,
+    gives_policy_type,
+    parse,
+    split_policy_path,
+    without_section,
+)
 from accel_train.errors import TrainError
 from accel_train.metrics import METRICS_FILE, TRACKER_PATHS
 
@@ -33,6 +43,7 @@ class Start:
     cfg: TrainConfig
     resume: Path | None = None  # a checkpoint to continue: weights, optimizer, schedule, data position
     init: Path | None = None  # a checkpoint whose weights and processors start a fresh run (--init_from)
+    pretrained: Path | None = None  # a lerobot pretrained policy's folder that a fresh run fine-tunes (--policy.path)
     saved: ckpt.TrainerState | None = None  # the resumed checkpoint's trainer state (None for the spec's 4 files)
     step: int = 0
 
@@ -48,19 +59,35 @@ class Start:
 
 
 def locate_start(args: list[str], processes: PartialState) -> Start:
-    """Parse the command line, find the checkpoint it continues from, and lay the flags over its config."""
-    cfg = parse(args)
+    """Parse the command line, find the checkpoint or pretrained policy it continues from, and lay the flags
+    over that one's config."""
+    policy_path, args = split_policy_path(args)
+    # With --policy.path the policy's type and fields come from the pretrained config: parse the rest first.
+    cfg = parse(without_section(args, "policy") if policy_path else args)
     if processes.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temporary(cfg.output_dir)
     processes.wait_for_everyone()
+    if policy_path and cfg.init_from:
+        raise TrainError(
+            f"--policy.path {policy_path} and --init_from {cfg.init_from} both name the weights to start from: "
+            "give one of them."
+        )
     resume = _shared_answer(cfg.resume_from_checkpoint, cfg, processes)
     init = None if resume else _shared_answer(cfg.init_from, cfg, processes)
     if resume or init:
         cfg = _reparse_over_checkpoint(args, cfg, resume or init, keep_training_state=resume is not None)
-    if resume is None:
-        _guard_existing_checkpoints(cfg, processes)
-        return Start(cfg, init=init)
+    if resume is not None:
+        return _resumed(cfg, resume, policy_path, processes)
+    _guard_existing_checkpoints(cfg, processes)
+    if policy_path:
+        cfg, folder = _parse_over_pretrained(args, policy_path, processes)
+        return Start(cfg, pretrained=folder)
+    return Start(cfg, init=init)
+
+
+def _resumed(cfg: TrainConfig, resume: Path, policy_path: str | None, processes: PartialState) -> Start:
+    """A resume: its step, and for an adapter (--peft) checkpoint the frozen base it was trained on."""
     saved = ckpt.read_state(resume)
     start = Start(cfg, resume=resume, saved=saved, step=ckpt.resume_step(resume, saved))
     if start.finished and cfg.resume_from_checkpoint != "latest":
@@ -68,17 +95,38 @@ def locate_start(args: list[str], processes: PartialState) -> Start:
             f"--steps {cfg.steps} is not above the step of {resume.name} ({start.step}): nothing to train. "
             "Pass a larger --steps to train further."
         )
+    if cfg.peft is not None and cfg.base_policy is not None and not start.finished:
+        # The main process fetches (into this machine's cache) and verifies; then every rank takes the same files.
+        folder = _main_process_answer(lambda: _adapter_base(cfg, policy_path), processes)
+        start.pretrained = folder if processes.is_main_process else _adapter_base(cfg, policy_path)
+    elif policy_path:
+        log.warning("Resuming from %s: its config and weights win over --policy.path %s.", resume, policy_path)
     return start
 
 
-def _shared_answer(spec: str | None, cfg: TrainConfig, processes: PartialState) -> Path | None:
-    """The checkpoint folder `spec` names, found by the main process; its answer or error broadcast to all ranks."""
-    if not spec:
-        return None
+def _adapter_base(cfg: TrainConfig, policy_path: str | None) -> Path:
+    """The frozen base of an adapter checkpoint: where the run took it (a Hub repo at its commit, or a folder),
+    or a copy --policy.path points at; its weights must hash as they did when the run started."""
+    base = cfg.base_policy
+    if policy_path:
+        folder = pretrained.local_folder(pretrained.resolve(policy_path, None))
+    elif base.commit is None and not pretrained.is_local(base.path):
+        raise TrainError(
+            f"This adapter checkpoint was trained on the pretrained policy in {base.path}, which is not there any "
+            f"more. Point --policy.path at a copy of it (its model.safetensors must have sha256 {base.sha256})."
+        )
+    else:
+        folder = pretrained.local_folder(base)
+    pretrained.verify(base, folder)
+    return folder
+
+
+def _main_process_answer(compute: Callable[[], Any], processes: PartialState) -> Any:
+    """`compute()` on the main process; its value, or its TrainError, on every rank (so all stop together)."""
     answer: list[Any] = [None]
     if processes.is_main_process:
         try:
-            answer = [("path", find_checkpoint(spec, cfg))]
+            answer = [("value", compute())]
         except TrainError as error:
             answer = [("error", str(error))]
     broadcast_object_list(answer)
@@ -86,6 +134,33 @@ def _shared_answer(spec: str | None, cfg: TrainConfig, processes: PartialState) 
     if kind == "error":
         raise TrainError(value)
     return value
+
+
+def _shared_answer(spec: str | None, cfg: TrainConfig, processes: PartialState) -> Path | None:
+    """The checkpoint folder `spec` names, found by the main process."""
+    return _main_process_answer(lambda: find_checkpoint(spec, cfg), processes) if spec else None
+
+
+def _parse_over_pretrained(args: list[str], path: str, processes: PartialState) -> tuple[TrainConfig, Path]:
+    """The run's config over the pretrained policy's own: its type and fields, then --policy.<field> flags.
+
+    The main process resolves the source (a Hub revision to its commit); every rank then takes the files at that
+    commit, from the cache the main process filled on its machine.
+    """
+    revision = flag_value(args, "policy.pretrained_revision")
+    value = _main_process_answer(lambda: pretrained.resolve(path, revision), processes)
+    folder = pretrained.local_folder(value)
+    policy = pretrained.read_config(folder)
+    given_type = gives_policy_type(args)
+    if given_type and given_type != policy["type"]:
+        raise TrainError(
+            f"--policy.path {path} holds a '{policy['type']}' policy, but --policy.type asks for '{given_type}'. "
+            "Drop --policy.type: a fine-tune keeps the pretrained policy's type."
+        )
+    policy["pretrained_path"] = None  # its weights are loaded from `folder`, by this run (accel_train.model)
+    cfg = parse(args, base={"policy": policy, "base_policy": dataclasses.asdict(value)})
+    log.info("Fine-tuning the pretrained %s policy %s (%s)", cfg.policy.type, path, value.commit or folder)
+    return cfg, folder
 
 
 def find_checkpoint(spec: str, cfg: TrainConfig) -> Path | None:

@@ -31,7 +31,7 @@ from accel_train.checkpointer import Checkpointer
 from accel_train.config import Every, TrainConfig, config_to_args, kwargs_to_args, print_help
 from accel_train.data import TimedBatches, TrainingData, images_to_float
 from accel_train.errors import Preempted, TrainError, UsageError
-from accel_train.hub import HubPusher
+from accel_train.hub import HubPusher, write_model_card
 from accel_train.metrics import MetricsLogger, StepWindow, start_trackers
 from accel_train.model import PolicyParts, build_parts
 from accel_train.preemption import PreemptionWatch
@@ -71,7 +71,7 @@ def run(args: list[str]) -> TrainerState:
     accelerator = make_accelerator(cfg, processes)
     set_seed(cfg.seed)  # model init is seeded: two fresh runs start from the same weights
     data = load_data(cfg, accelerator)
-    parts = build_parts(cfg, data.dataset, begin.source)
+    parts = build_parts(cfg, data.dataset, begin.source, begin.pretrained)
     validator = make_validator(cfg, accelerator, data)
     pusher = make_pusher(cfg, accelerator)
     checkpointer = Checkpointer(accelerator, parts, cfg, pusher)
@@ -172,6 +172,7 @@ def finish(
     final_files = []
     if accelerator.is_main_process:
         final_files = export(cfg.output_dir / name_for(state.step), cfg.output_dir)
+        final_files.append(write_model_card(cfg.to_dict(), cfg.output_dir))
         log.info("Training finished at step %d. Final model in %s", state.step, cfg.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -242,15 +243,18 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
         origin = (
             f"Resumed from {begin.resume} at step {state.step} (epoch {state.data.epoch}, sample {state.data.sample})."
         )
+    elif begin.pretrained is not None:
+        base = cfg.base_policy
+        origin = f"Fine-tuning {base.path}" + (f" at commit {base.commit}." if base.commit else ".")
     else:
         origin = f"Initialised from {begin.init}." if begin.init is not None else "Fresh start."
     log.info(
-        "Policy %s: %.2fM parameters (%.2fM trainable). Dataset %s: %d frames, %d episodes, %d usable per epoch. "
+        "Policy %s: %s parameters (%s trainable). Dataset %s: %d frames, %d episodes, %d usable per epoch. "
         "Effective batch %d = %d per device x %d processes x %d accumulation. Devices: %d x %s. Precision: %s. "
         "Checkpoints every %d steps in %s. %s",
         cfg.policy.type,
-        params / 1e6,
-        trainable / 1e6,
+        count(params),
+        count(trainable),
         cfg.dataset_id,
         data.dataset.num_frames,
         data.dataset.num_episodes,
@@ -266,6 +270,11 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
         cfg.output_dir,
         origin,
     )
+
+
+def count(number: int) -> str:
+    """1234567 -> 1.23M, 4096 -> 4.1K."""
+    return f"{number / 1e6:.2f}M" if number >= 1e6 else f"{number / 1e3:.1f}K" if number >= 1e3 else str(number)
 
 
 _PROCESS_GROUP_HELD: list[Any] = []

@@ -46,10 +46,13 @@ def base_args(dataset: Path, output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_cli(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], launcher: list[str] | None = None, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `python accel_train/train.py ARGS` (or under another launcher) the way a user types it."""
     command = [*(launcher or [sys.executable]), str(TRAIN), *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    environment = os.environ.copy() if env is None else env
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def losses(output_dir: Path) -> list[tuple[int, float]]:

@@ -104,6 +104,9 @@ def test_killed_run_resumes_from_the_hub_on_another_machine(
     assert pointer(hub)["latest"] == f"checkpoint-{STRAIGHT_STEPS}"
     assert hub.files(REPO_ID)["model.safetensors"] == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert hub.token not in stderr
+    card = huggingface_hub.ModelCard(hub.files(REPO_ID)["README.md"].decode())  # the Hub page says what it is
+    assert card.data.library_name == "lerobot" and card.data.datasets == ["local/piper_demo"]
+    assert {"robotics", "lerobot", "act"} <= set(card.data.tags)
 
 
 def test_hub_down_mid_training_then_back(hub: HubServer, tiny_dataset: Path, tmp_path: Path) -> None:

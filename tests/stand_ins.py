@@ -1,0 +1,156 @@
+"""Tiny offline stand-ins for pretrained models that lerobot's VLA policies download from the Hub.
+
+    vlm = smolvlm(tmp / "vlm")                    # for --policy.vlm_model_name=DIR
+    policy = smolvla_policy(tmp / "policy", vlm)  # a lerobot pretrained SmolVLA folder, like lerobot/smolvla_base
+
+Everything is built here, from a fixed seed, without network access: a SmolVLM-architecture config with small
+dimensions and random weights, a tokenizer trained on a few sentences with `tokenizers`, and a SmolVLA policy
+saved with lerobot's own `save_pretrained`, processors included. Same arguments, same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from accel_train import demo_dataset
+
+# The tokens SmolVLM's processor and SmolVLA look up by name (SmolVLA reads fake_image_token_id and
+# global_image_token_id from the tokenizer).
+IMAGE_TOKENS = {
+    "fake_image_token": "<fake_token_around_image>",
+    "image_token": "<image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+SENTENCES = [
+    demo_dataset.TASK,
+    "Pick up the red cube and put it in the blue container.",
+    "Move the arm to the cube, grasp it, carry it and release it.",
+    "Open the gripper. Close the gripper. Go back home.",
+]
+IMAGE_SIZE = 64  # the vision tower's input: SmolVLA needs --policy.resize_imgs_with_padding=[64,64]
+PATCH_SIZE = 16
+SCALE_FACTOR = 2  # pixel shuffle: (64 / 16)^2 / 2^2 = 4 image tokens per camera
+
+
+def smolvlm(folder: Path, seed: int = 0) -> Path:
+    """A SmolVLM-architecture model folder (config, random weights, processor) that AutoConfig,
+    AutoProcessor, AutoTokenizer and AutoModelForImageTextToText load offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<unk>", "<|im_start|>", "<pad>", *IMAGE_TOKENS.values()]
+    backend.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<pad>",
+        extra_special_tokens=IMAGE_TOKENS,
+        model_max_length=512,
+    )
+    image_seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+    size = {"longest_edge": IMAGE_SIZE}
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(size=size, max_image_size=size, do_image_splitting=False),
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(size=size, max_image_size=size),
+        image_seq_len=image_seq_len,
+    )
+    config = SmolVLMConfig(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+        },
+        scale_factor=SCALE_FACTOR,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    SmolVLMForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def smolvla_config(vlm: Path, features: dict | None = None, **fields):
+    """A SmolVLA config on top of the stand-in VLM: the demo dataset's features (or `features`, lerobot's
+    dataset feature spec) and sizes that train fast on a CPU; `fields` override any field."""
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    policy_features = dataset_to_policy_features(features or demo_dataset.features())
+    defaults = {
+        "vlm_model_name": str(vlm),
+        "load_vlm_weights": False,
+        "resize_imgs_with_padding": (IMAGE_SIZE, IMAGE_SIZE),
+        "chunk_size": 5,
+        "n_action_steps": 5,
+        "device": "cpu",
+        "push_to_hub": False,
+    }
+    config = SmolVLAConfig(**{**defaults, **fields})
+    config.output_features = {k: f for k, f in policy_features.items() if k == "action"}
+    config.input_features = {k: f for k, f in policy_features.items() if k != "action"}
+    return config
+
+
+def standard_stats(features: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Normalisation statistics of a standard normal for every non-image feature (what pretraining would
+    have measured on its own data; a fine-tune replaces them with its dataset's)."""
+    stats = {}
+    for key, feature in features.items():
+        if feature["dtype"] in ("video", "image"):
+            continue
+        shape = tuple(feature["shape"])
+        stats[key] = {
+            "mean": torch.zeros(shape),
+            "std": torch.ones(shape),
+            "min": torch.full(shape, -3.0),
+            "max": torch.full(shape, 3.0),
+        }
+    return stats
+
+
+def smolvla_policy(folder: Path, vlm: Path, features: dict | None = None, seed: int = 0, **fields) -> Path:
+    """A "pretrained" SmolVLA folder as `lerobot-train` writes one: config.json, model.safetensors,
+    policy_preprocessor.json / policy_postprocessor.json and their statistics. Loads with
+    `SmolVLAPolicy.from_pretrained(folder)` and `make_pre_post_processors(config, pretrained_path=folder)`."""
+    from lerobot.policies import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    features = features or demo_dataset.features()
+    config = smolvla_config(vlm, features, **fields)
+    torch.manual_seed(seed)
+    SmolVLAPolicy(config).save_pretrained(folder)
+    preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=standard_stats(features))
+    preprocessor.save_pretrained(folder)
+    postprocessor.save_pretrained(folder)
+    return folder

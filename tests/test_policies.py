@@ -53,7 +53,8 @@ VQBET = [
     "--policy.gpt_n_layer=1",
     "--policy.gpt_n_head=2",
     "--policy.gpt_hidden_dim=32",
-    "--policy.scheduler_warmup_steps=2",
+    # Warm-up outlasts the run: its LR does not depend on --steps, so the K-step and the N-step runs share it.
+    "--policy.scheduler_warmup_steps=10",
 ]
 
 
@@ -130,6 +131,7 @@ def vqbet_straight(one_camera_dataset: Path, tmp_path_factory: pytest.TempPathFa
             2,
             id="during-vq-phase",
             marks=pytest.mark.xfail(
+                raises=AssertionError,
                 strict=True,
                 reason="lerobot 0.6.1 counts VQ-BeT's phase-1 steps in a plain attribute, "
                 "VqVae.optimized_steps (vqbet/modeling_vqbet.py:777), which is in no state dict: a run resumed "

@@ -3,18 +3,22 @@
 Each test: N steps straight == K steps, stop, `--resume_from_checkpoint latest` to N (every step's loss, the final
 weights and the optimizer state). Tiny configs, offline: Diffusion and VQ-BeT on a one-camera copy of the demo
 dataset (VQ-BeT takes a single camera), SmolVLA on the demo dataset and a stand-in VLM built here
-(tests/stand_ins.py).
+(tests/stand_ins.py). The "pretrained" SmolVLA stand-in loads with lerobot's own APIs from a folder and from a
+local Hub.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import stand_ins
 import torch
 from conftest import EPISODES, assert_ok, base_args, losses, run_cli, same_weights
+from hub_server import HubServer
 
 from accel_train import demo_dataset
 
@@ -151,28 +155,51 @@ def test_smolvla_stand_in_trains_and_resumes_bit_identically(tiny_dataset: Path,
     assert "(epoch 1, sample 8)" in log
 
 
-def test_smolvla_pretrained_stand_in_loads_with_lerobot_offline(tiny_dataset: Path, vlm: Path, tmp_path: Path) -> None:
-    """The stand-in is a lerobot pretrained policy folder: from_pretrained restores its weights, its processors
-    load from the folder, and together they turn a dataset frame into an action of the robot's size."""
+@pytest.fixture(params=["folder", "hub"])
+def smolvla_source(request: pytest.FixtureRequest, vlm: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The pretrained stand-in as a folder, or as a repo of the tests' local Hub whose config names its VLM by
+    another repo's id (as lerobot/smolvla_base does), both fetched into an empty cache. Yields (name, folder)."""
+    if request.param == "folder":
+        folder = stand_ins.smolvla_policy(tmp_path / "smolvla", vlm)
+        yield str(folder), folder
+        return
+    vlm_repo, policy_repo = "test-user/smolvlm-stand-in", "test-user/smolvla-stand-in"
+    folder = stand_ins.smolvla_policy(tmp_path / "smolvla", vlm, vlm_name=vlm_repo)
+    with HubServer() as hub, pytest.MonkeyPatch.context() as patch:
+        api = huggingface_hub.HfApi(endpoint=hub.url, token=hub.token)
+        for repo_id, local in ((vlm_repo, vlm), (policy_repo, folder)):
+            api.create_repo(repo_id)
+            api.upload_folder(folder_path=local, repo_id=repo_id)
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        patch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        yield policy_repo, folder
+    assert (tmp_path / "cache" / "models--test-user--smolvlm-stand-in").is_dir()
+
+
+def test_smolvla_pretrained_stand_in_loads_with_lerobot(smolvla_source: tuple[str, Path], tiny_dataset: Path) -> None:
+    """The stand-in is a lerobot pretrained policy: from_pretrained restores its weights, its processors load
+    from the same place, and together they turn a dataset frame into an action of the robot's size."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.policies import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
     from safetensors.torch import load_file
 
-    folder = stand_ins.smolvla_policy(tmp_path / "smolvla", vlm)
+    source, folder = smolvla_source
     assert {p.name for p in folder.iterdir()} >= {
         "config.json",
         "model.safetensors",
         "policy_preprocessor.json",
         "policy_postprocessor.json",
     }
-    policy = SmolVLAPolicy.from_pretrained(folder)
+    policy = SmolVLAPolicy.from_pretrained(source)
     saved = load_file(folder / "model.safetensors")
     loaded = policy.state_dict()
     assert saved.keys() <= loaded.keys()
     assert all(torch.equal(loaded[k], v) for k, v in saved.items())
 
-    preprocessor, postprocessor = make_pre_post_processors(policy.config, pretrained_path=str(folder))
+    preprocessor, postprocessor = make_pre_post_processors(policy.config, pretrained_path=source)
     frame = LeRobotDataset(demo_dataset.REPO_ID, root=tiny_dataset, video_backend="pyav")[3]
     batch = {k: v for k, v in frame.items() if k in policy.config.input_features or k == "task"}
     policy.eval()

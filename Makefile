@@ -24,10 +24,15 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) accel_train/train.py --config configs/demo.yaml --output_dir $(DEMO_OUT) --resume_from_checkpoint latest
 
-test: $(VENV)/.installed
+# The tests also train the policies that need lerobot's extras (Diffusion, SmolVLA, LoRA).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,diffusion,smolvla,peft]'
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-test
 	$(PY) benchmarks/compare.py
 
 lint: $(VENV)/.installed

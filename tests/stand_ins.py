@@ -139,18 +139,30 @@ def standard_stats(features: dict) -> dict[str, dict[str, torch.Tensor]]:
     return stats
 
 
-def smolvla_policy(folder: Path, vlm: Path, features: dict | None = None, seed: int = 0, **fields) -> Path:
+def smolvla_policy(
+    folder: Path, vlm: Path, features: dict | None = None, seed: int = 0, vlm_name: str | None = None, **fields
+) -> Path:
     """A "pretrained" SmolVLA folder as `lerobot-train` writes one: config.json, model.safetensors,
     policy_preprocessor.json / policy_postprocessor.json and their statistics. Loads with
-    `SmolVLAPolicy.from_pretrained(folder)` and `make_pre_post_processors(config, pretrained_path=folder)`."""
+    `SmolVLAPolicy.from_pretrained(folder)` and `make_pre_post_processors(config, pretrained_path=folder)`.
+
+    The saved files name the VLM `vlm_name` (a Hub repo id holding the `vlm` folder, as lerobot/smolvla_base
+    names HuggingFaceTB/SmolVLM2-500M-Video-Instruct), or the `vlm` folder itself."""
     from lerobot.policies import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    from lerobot.processor import TokenizerProcessorStep
 
     features = features or demo_dataset.features()
     config = smolvla_config(vlm, features, **fields)
     torch.manual_seed(seed)
-    SmolVLAPolicy(config).save_pretrained(folder)
+    policy = SmolVLAPolicy(config)
     preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=standard_stats(features))
+    if vlm_name is not None:
+        config.vlm_model_name = vlm_name
+        for step in preprocessor.steps:
+            if isinstance(step, TokenizerProcessorStep):
+                step.tokenizer_name = vlm_name
+    policy.save_pretrained(folder)
     preprocessor.save_pretrained(folder)
     postprocessor.save_pretrained(folder)
     return folder

@@ -73,6 +73,9 @@ class TrainerState:
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
     policy_type: str = ""
+    # Counters that a policy keeps as plain attributes, outside its state dict, yet that steer its training:
+    # {"<module path>.<attribute>": value} (accel_train.checkpointer.MODULE_COUNTERS).
+    counters: dict[str, int] = field(default_factory=dict)
 
     def advance(self, step_samples: int, epoch_samples: int) -> None:
         """One optimizer step done: `step_samples` more samples seen, the data position moved on."""

@@ -66,6 +66,28 @@ ACCELERATE_FILES = {"optimizer.bin": OPTIMIZER_FILE, "scheduler.bin": SCHEDULER_
 FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"
 
 
+# Plain-attribute counters that steer training: VQ-BeT counts the steps of its VQ-VAE phase in
+# `VqVae.optimized_steps` (lerobot 0.6.1), outside any state dict; a resume must continue the count.
+MODULE_COUNTERS = ("optimized_steps",)
+
+
+def module_counters(policy: torch.nn.Module) -> dict[str, int]:
+    return {
+        f"{name}.{attr}": value
+        for name, module in policy.named_modules()
+        for attr in MODULE_COUNTERS
+        if isinstance(value := getattr(module, attr, None), int)
+    }
+
+
+def restore_module_counters(policy: torch.nn.Module, counters: dict[str, int]) -> None:
+    modules = dict(policy.named_modules())
+    for key, value in counters.items():
+        name, _, attr = key.rpartition(".")
+        if name in modules and attr in MODULE_COUNTERS:
+            setattr(modules[name], attr, value)
+
+
 def is_adapted(policy: torch.nn.Module) -> bool:
     """A policy wrapped with PEFT adapters (--peft)."""
     return hasattr(policy, "peft_config")
@@ -327,6 +349,7 @@ class Checkpointer:
             load(policy, start.source)
         if start.resume is not None:
             self._restore_training_state(start.resume)
+            restore_module_counters(policy, start.saved.counters if start.saved else {})
             self.resumed_from = start.resume
         return starting_state(self.cfg, self.accelerator.num_processes, start, epoch_samples)
 
@@ -385,6 +408,7 @@ class Checkpointer:
         self.parts.preprocessor.save_pretrained(folder, config_filename=PREPROCESSOR_FILE)
         self.parts.postprocessor.save_pretrained(folder, config_filename=POSTPROCESSOR_FILE)
         (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(self.train_config, indent=2))
+        self._state.counters = module_counters(policy)
         (folder / STATE_FILE).write_text(self._state.to_json())
 
     def save(self, state: TrainerState) -> Path:

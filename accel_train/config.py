@@ -341,7 +341,14 @@ def parse(args: list[str], base: dict | None = None) -> TrainConfig:
     config_file, args = split_config_flag(args)
     layers = dict(base or {})
     if config_file is not None:
-        layers = _deep_merge(layers, yaml.safe_load(config_file.read_text()) or {})
+        from_file = yaml.safe_load(config_file.read_text()) or {}
+        continued, asked = ((layer.get("policy") or {}).get("type") for layer in (layers, from_file))
+        if continued and asked and continued != asked:
+            raise UsageError(
+                f"{config_file} sets the policy type '{asked}', but this run continues a '{continued}' policy (from "
+                "its checkpoint or --policy.path). Use a config file without that policy section, or start a new run."
+            )
+        layers = _deep_merge(layers, from_file)
     cli_type = gives_policy_type(args)
     if cli_type and (layers.get("policy") or {}).get("type", cli_type) != cli_type:
         layers.pop("policy")  # another policy type on the command line replaces the section, fields and all

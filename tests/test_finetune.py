@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_ok, base_args, losses, run_cli, same_weights
+from conftest import base_args as demo_args
 from hub_server import HubServer
 from safetensors.torch import load_file, save_file
 from test_bad_input import fails
@@ -150,6 +151,10 @@ def test_other_bad_fine_tunes(capsys, tiny_dataset: Path, base: Path, tmp_path: 
           "--rename_map maps dataset keys to those of a pretrained policy")  # fmt: skip
     fails(capsys, base_args(tiny_dataset, out, "--policy.path", str(base), "--policy.type=diffusion"),
           "holds a 'act' policy, but --policy.type asks for 'diffusion'")  # fmt: skip
+    other = tmp_path / "diffusion.yaml"
+    other.write_text("policy:\n  type: diffusion\n")
+    fails(capsys, [*base_args(tiny_dataset, out, "--policy.path", str(base)), "--config", str(other)],
+          "sets the policy type 'diffusion', but this run continues a 'act' policy", code=2)  # fmt: skip
     edit_config(base, lambda c: c["input_features"]["observation.state"].update(shape=[6]))
     fails(capsys, base_args(tiny_dataset, out, "--policy.path", str(base)),
           "expects 'observation.state' of shape (6,), but the dataset 'local/piper_demo' has shape (7,)",
@@ -236,7 +241,11 @@ def test_smolvla_lora_from_the_hub_resumes_exactly_on_another_machine(
     """SmolVLA from a Hub repo with LoRA on its default targets: a resume with an empty cache fetches the base
     at the recorded commit, verifies it, and continues bit-identically. Its checkpoints are a fraction of a full
     fine-tune's."""
-    common = ["--batch_size", "4", "--save_freq", "2"]
+    common = ["--dataset_id", "local/piper_demo", "--batch_size", "4", "--save_freq", "2"]
+
+    def base_args(dataset: Path, out: Path, *extra: str) -> list[str]:  # without the demo config's ACT
+        return demo_args(dataset, out, *extra)[2:]
+
     full = tmp_path / "full"
     args = base_args(tiny_dataset, full, "--steps", "2", "--policy.path", str(smolvla_base), *common)
     assert_ok(run_cli(args))

@@ -1,8 +1,8 @@
 """A local Hugging Face Hub-compatible HTTP server for tests (stdlib only).
 
 It speaks the part of the Hub API that the real ``huggingface_hub`` client (1.33, ``HF_HUB_DISABLE_XET=1``)
-uses to create repos, commit (regular files inline, large files through git-LFS "basic" uploads), list and
-download, so push and resume code can be tested offline against the real client instead of a mock. Commits are
+uses to create repos, commit (regular files inline, large files through git-LFS "basic" uploads), branch, tag,
+list and download, so push and resume code can be tested offline against the real client instead of a mock. Commits are
 real immutable snapshots; test hooks inject failures, slow the server down and corrupt stored bytes.
 
 Run by hand with ``python tests/hub_server.py --port 0``; it prints its URL.
@@ -120,10 +120,11 @@ class _Repo:
     blobs: dict[str, bytes] = field(default_factory=dict)  # sha256 -> bytes, as the Hub's storage would hold
     commits: dict[str, _Commit] = field(default_factory=dict)  # insertion order = creation order
     branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # name -> commit id; a tag never moves
 
     def resolve(self, revision: str) -> _Commit:
-        """A branch name or any full commit id of this repo, like the Hub accepts everywhere."""
-        commit = self.commits.get(self.branches.get(revision, revision))
+        """A branch name, a tag or any full commit id of this repo, like the Hub accepts everywhere."""
+        commit = self.commits.get(self.branches.get(revision) or self.tags.get(revision, revision))
         if commit is None:
             raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return commit
@@ -265,6 +266,10 @@ class _Api:
                 return self._refs(req, repo_type, repo_id)
             if method == "POST" and action == "branch" and len(args) == 1:
                 return self._create_branch(req, repo_type, repo_id, args[0])
+            if method == "POST" and action == "tag" and len(args) == 1:
+                return self._create_tag(req, repo_type, repo_id, args[0])
+            if method == "DELETE" and action == "tag" and len(args) == 1:
+                return self._delete_tag(req, repo_type, repo_id, args[0])
         raise _HubError(404, f"{method} {path} is not implemented by the test hub server")
 
     def _require_auth(self, req: _Request) -> None:
@@ -510,11 +515,12 @@ class _Api:
 
     def _refs(self, req: _Request, repo_type: str, repo_id: str) -> _Reply:
         with self.lock:
-            branches = dict(self.repo(repo_type, repo_id).branches)
+            repo = self.repo(repo_type, repo_id)
+            branches, tags = dict(repo.branches), dict(repo.tags)
         refs: dict[str, Any] = {
             "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in branches.items()],
             "converts": [],
-            "tags": [],
+            "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in tags.items()],
         }
         if req.query.get("include_prs"):
             refs["pullRequests"] = []
@@ -528,6 +534,27 @@ class _Api:
             if branch in repo.branches:
                 raise _HubError(409, f"Reference already exists: refs/heads/{branch}")
             repo.branches[branch] = repo.resolve(starting_point).record.id
+        return _Reply.json({})
+
+    def _create_tag(self, req: _Request, repo_type: str, repo_id: str, revision: str) -> _Reply:
+        """Tag `revision` (branch, tag or commit id), as `HfApi.create_tag` and lerobot's `push_to_hub` do."""
+        self._require_auth(req)
+        tag = req.json().get("tag")
+        if not tag:
+            raise _HubError(400, "A tag name is required")
+        with self.lock:
+            repo = self.repo(repo_type, repo_id)
+            if tag in repo.tags or tag in repo.branches:
+                raise _HubError(409, f"Reference already exists: refs/tags/{tag}")
+            repo.tags[tag] = repo.resolve(revision).record.id
+        return _Reply.json({})
+
+    def _delete_tag(self, req: _Request, repo_type: str, repo_id: str, tag: str) -> _Reply:
+        self._require_auth(req)
+        with self.lock:
+            repo = self.repo(repo_type, repo_id)
+            if repo.tags.pop(tag, None) is None:
+                raise _HubError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
         return _Reply.json({})
 
     def _resolve(self, req: _Request, repo_type: str, repo_id: str, revision: str, path: str) -> _Reply:

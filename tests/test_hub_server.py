@@ -273,6 +273,41 @@ def test_dataset_repos(hub: HubServer, tmp_path: Path) -> None:
         api.repo_info(REPO)  # the model repo of that name does not exist
 
 
+def test_tags(hub: HubServer, tmp_path: Path) -> None:
+    """lerobot finds a dataset's format version among the repo's tags, and replaces the tag on every push."""
+    api = _api(hub)
+    api.create_repo(REPO, repo_type="dataset")
+    first = api.create_commit(
+        REPO, [CommitOperationAdd("meta/info.json", b"1")], commit_message="v1", repo_type="dataset"
+    ).oid
+    api.create_tag(REPO, tag="v3.0", repo_type="dataset")
+    api.create_commit(REPO, [CommitOperationAdd("meta/info.json", b"2")], commit_message="v2", repo_type="dataset")
+    refs = api.list_repo_refs(REPO, repo_type="dataset")
+    assert [(t.name, t.ref, t.target_commit) for t in refs.tags] == [("v3.0", "refs/tags/v3.0", first)]
+    assert [b.name for b in refs.branches] == ["main"]
+    download = {"repo_type": "dataset", "cache_dir": tmp_path, "endpoint": hub.url, "token": hub.token}
+    assert Path(hf_hub_download(REPO, "meta/info.json", revision="v3.0", **download)).read_bytes() == b"1"
+    assert Path(hf_hub_download(REPO, "meta/info.json", **download)).read_bytes() == b"2"
+    assert api.dataset_info(REPO, revision="v3.0").sha == first
+
+    with pytest.raises(HfHubHTTPError) as excinfo:
+        api.create_tag(REPO, tag="v3.0", repo_type="dataset")
+    assert excinfo.value.response.status_code == 409
+    api.create_tag(REPO, tag="v3.0", repo_type="dataset", exist_ok=True)
+    with pytest.raises(RevisionNotFoundError):
+        api.create_tag(REPO, tag="v9", revision="no-such-branch", repo_type="dataset")
+    with pytest.raises(HfHubHTTPError) as excinfo:
+        _api(hub, token=False).create_tag(REPO, tag="v9", repo_type="dataset")
+    assert excinfo.value.response.status_code == 401
+
+    api.delete_tag(REPO, tag="v3.0", repo_type="dataset")
+    assert api.list_repo_refs(REPO, repo_type="dataset").tags == []
+    with pytest.raises(RevisionNotFoundError):
+        api.delete_tag(REPO, tag="v3.0", repo_type="dataset")
+    with pytest.raises(RevisionNotFoundError):
+        api.dataset_info(REPO, revision="v3.0")
+
+
 def test_main_prints_url() -> None:
     script = Path(__file__).with_name("hub_server.py")
     proc = subprocess.Popen([sys.executable, str(script), "--port", "0"], stdout=subprocess.PIPE, text=True)

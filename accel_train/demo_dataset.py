@@ -2,33 +2,60 @@
 
 The arm has 6 joints and a gripper (7 values, like `ISdept/piper_arm`). In every episode a cube sits at a
 random spot on the table; the arm moves smoothly towards a joint pose that depends on the cube's position,
-closes the gripper, carries the cube to a fixed container and opens the gripper. The cube is drawn in all
-three cameras (and the gripper camera also sees the arm's position), so the next joint target (`action`) is
-a function of what the policy observes: there is something real to learn.
+closes the gripper, carries the cube to the episode's container and opens the gripper. The cube and the
+container are drawn in the cameras (the gripper camera sees the cube relative to the arm), so the next joint
+target (`action`) is a function of what the policy observes: there is something real to learn. With several
+tasks, task i is "... into the <colour> container": a container of its own colour and place, in episodes
+i, i + N, i + 2N, ...
 
-    python -m accel_train.demo_dataset --root DIR [--episodes N] [--seed S]
+    python -m accel_train.demo_dataset --root DIR [--episodes N] [--frames F] [--seed S] [--image_size HxW]
+        [--cameras front,right,gripper] [--tasks N] [--fps F] [--images]
+
+On disk, LeRobot format v3.0 as lerobot's own writer lays it out (repo id `local/piper_demo`):
+
+    DIR/meta/info.json                                  codebase_version, fps, features, episode/frame counts
+    DIR/meta/stats.json                                 normalisation stats of every feature
+    DIR/meta/tasks.parquet                              task strings and their task_index
+    DIR/meta/episodes/chunk-000/file-000.parquet        per episode: length, tasks, data and video offsets
+    DIR/data/chunk-000/file-000.parquet                 per frame: observation.state, action (float32 x 7),
+                                                        timestamp, indices, task_index; with --images also
+                                                        observation.images.<camera> as PNG bytes
+    DIR/videos/observation.images.<camera>/chunk-000/file-000.mp4   AV1, all episodes (not with --images)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 REPO_ID = "local/piper_demo"
-TASK = "Pick and place the cube into the container"
 FPS = 10
 FRAMES_PER_EPISODE = 40
 IMAGE_SHAPE = (64, 64, 3)
 CAMERAS = ("front", "right", "gripper")
 JOINT_NAMES = [f"joint_{i}" for i in range(1, 7)] + ["gripper"]
+# Task i of a dataset with N tasks: its text, where its container stands on the table, the container's colour.
+# Task 0 is the demo's only task by default; every container lies outside the area the cube is drawn from.
+TASKS = (
+    ("Pick and place the cube into the container", (0.85, 0.15), (40, 40, 200)),
+    ("Pick and place the cube into the green container", (0.15, 0.88), (40, 180, 40)),
+    ("Pick and place the cube into the yellow container", (0.88, 0.88), (220, 200, 40)),
+    ("Pick and place the cube into the purple container", (0.88, 0.5), (150, 40, 180)),
+)
+TASK = TASKS[0][0]
+CONTAINER = np.array(TASKS[0][1])
+HOME = np.array([0.5, 0.5])
 
 # Joint pose as a fixed smooth function of a table position (x, y) in [0, 1]^2: a stand-in for the arm's
 # inverse kinematics. Rows: joints 1..6; columns: x, y, x*y, bias.
@@ -43,18 +70,17 @@ _IK = np.array(
     ],
     dtype=np.float64,
 )
-CONTAINER = np.array([0.85, 0.15])
-HOME = np.array([0.5, 0.5])
 
 
-def features(shape: tuple[int, int, int] = IMAGE_SHAPE) -> dict:
-    """LeRobot feature spec of the dataset: state/action of 7 values and three RGB cameras."""
+def features(shape: tuple[int, int, int] = IMAGE_SHAPE, cameras: Sequence[str] = CAMERAS, images: bool = False) -> dict:
+    """LeRobot feature spec of the dataset: state/action of 7 values and one RGB feature per camera, stored as
+    video or (with `images`) as image frames."""
     vector = {"dtype": "float32", "shape": (7,), "names": JOINT_NAMES}
-    camera = {"dtype": "video", "shape": shape, "names": ["height", "width", "channels"]}
+    camera = {"dtype": "image" if images else "video", "shape": shape, "names": ["height", "width", "channels"]}
     return {
         "observation.state": vector,
         "action": vector,
-        **{f"observation.images.{name}": camera for name in CAMERAS},
+        **{f"observation.images.{name}": camera for name in cameras},
     }
 
 
@@ -70,37 +96,54 @@ def _draw_square(image: np.ndarray, center: np.ndarray, half: int, color: tuple[
     image[max(row - half, 0) : row + half + 1, max(col - half, 0) : col + half + 1] = color
 
 
-def render(cube: np.ndarray, effector: np.ndarray, holding: bool, noise: np.ndarray) -> dict[str, np.ndarray]:
-    """Draw the three camera views of the scene; `noise` keeps the images from being trivially flat."""
+def render(
+    cube: np.ndarray,
+    effector: np.ndarray,
+    holding: bool,
+    noise: np.ndarray,
+    cameras: Sequence[str] = CAMERAS,
+    task: int = 0,
+) -> dict[str, np.ndarray]:
+    """Draw the camera views of the scene; `noise` keeps the images from being trivially flat. "right" sees the
+    table from the side, "gripper" is the wrist camera; any other name sees the table from above, as "front"."""
+    _, container, colour = TASKS[task]
+    container = np.array(container)
     views = {}
-    for name in CAMERAS:
+    for name in cameras:
         image = np.clip(noise + 90, 0, 255).astype(np.uint8)
-        if name == "front":
-            _draw_square(image, CONTAINER, 6, (40, 40, 200))
-            _draw_square(image, cube, 3, (220, 40, 40))
-            _draw_square(image, effector, 2, (240, 240, 240))
-        elif name == "right":  # the same table seen from the side: x and y swapped and mirrored
-            _draw_square(image, 1.0 - CONTAINER[::-1], 6, (40, 40, 200))
+        if name == "right":  # the same table seen from the side: x and y swapped and mirrored
+            _draw_square(image, 1.0 - container[::-1], 6, colour)
             _draw_square(image, 1.0 - cube[::-1], 3, (220, 40, 40))
             _draw_square(image, 1.0 - effector[::-1], 2, (240, 240, 240))
-        else:  # wrist camera: the cube relative to the gripper, large when held
+        elif name == "gripper":  # wrist camera: the cube relative to the gripper, large when held
             _draw_square(image, np.clip(0.5 + (cube - effector), 0, 1), 12 if holding else 5, (220, 40, 40))
+        else:
+            _draw_square(image, container, 6, colour)
+            _draw_square(image, cube, 3, (220, 40, 40))
+            _draw_square(image, effector, 2, (240, 240, 240))
         views[f"observation.images.{name}"] = image
     return views
 
 
-def episode(rng: np.random.Generator, shape: tuple[int, int, int] = IMAGE_SHAPE) -> list[dict]:
-    """One pick-and-place: approach the cube, grasp, carry it to the container, release."""
+def episode(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int] = IMAGE_SHAPE,
+    cameras: Sequence[str] = CAMERAS,
+    task: int = 0,
+    frames: int = FRAMES_PER_EPISODE,
+) -> list[dict]:
+    """One pick-and-place of task `task`: approach the cube, grasp, carry it to the container, release."""
+    container = np.array(TASKS[task][1])
     cube = rng.uniform(0.15, 0.7, size=2)
     effector = HOME + rng.normal(0, 0.03, size=2)
     gripper = 1.0
     noise = rng.normal(0, 6, size=shape)
     held = False
-    frames = []
-    for t in range(FRAMES_PER_EPISODE + 1):
-        goal = cube if t < FRAMES_PER_EPISODE // 2 else CONTAINER
+    states = []
+    for t in range(frames + 1):
+        goal = cube if t < frames // 2 else container
         near = np.linalg.norm(goal - effector) < 0.05
-        if t < FRAMES_PER_EPISODE // 2:
+        if t < frames // 2:
             gripper = 0.0 if near else 1.0
             held = held or near
         else:
@@ -110,15 +153,15 @@ def episode(rng: np.random.Generator, shape: tuple[int, int, int] = IMAGE_SHAPE)
         if held:
             cube = effector.copy()
         state = np.append(joints_for(effector), gripper)
-        frames.append({"state": state, "images": render(cube, effector, held, noise)})
+        states.append({"state": state, "images": render(cube, effector, held, noise, cameras, task)})
     return [
         {
             "observation.state": current["state"].astype(np.float32),
             "action": following["state"].astype(np.float32),
             **current["images"],
-            "task": TASK,
+            "task": TASKS[task][0],
         }
-        for current, following in zip(frames[:-1], frames[1:], strict=True)
+        for current, following in zip(states[:-1], states[1:], strict=True)
     ]
 
 
@@ -141,33 +184,131 @@ def scheduling_kept() -> Iterator[None]:
         os.sched_setscheduler(0, policy, param)
 
 
-def create(
-    root: Path, episodes: int = 10, seed: int = 0, repo_id: str = REPO_ID, size: tuple[int, int] = IMAGE_SHAPE[:2]
-) -> Path:
-    """Write the dataset to `root` with lerobot's own writer; same seed, same data. `size` is (height, width)
-    of the cameras: 64x64 for tests and the demo, 480x640 for benchmarks at a real camera's size."""
-    shape = (*size, 3)
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+def _libavutil() -> ctypes.CDLL | None:
+    """The libavutil this process runs PyAV on (Linux: found among the loaded libraries), or None."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if "libavutil" in line and "/" in line}
+        for path in sorted(loaded):
+            return ctypes.CDLL(path)
+    return None
 
+
+def libav_level() -> int:
+    """FFmpeg's own log level, which its default log callback prints at (AV_LOG_INFO unless someone set it)."""
+    import av.logging
+
+    lib = _libavutil()
+    return lib.av_log_get_level() if lib is not None else av.logging.INFO
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep lerobot's writer from printing while a dataset is written; every setting changed is put back after.
+
+    What it prints otherwise, about 60 lines for 10 episodes: FFmpeg's "Starting second pass: moving the moov
+    atom" for each video concatenated (lerobot installs FFmpeg's default log callback, which prints at FFmpeg's
+    own level, INFO: that level is raised to ERROR here), the `datasets` "Map" progress bar of each episode's
+    parquet, lerobot's INFO logs ("Using video codec: ...": the `lerobot` logger is raised to WARNING), and
+    SVT-AV1's settings dump per encoder (SVT_LOG=1: errors only). Errors and warnings still get through.
+    """
+    import av.logging
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    loggers = {name: logging.getLogger(name) for name in ("lerobot", "libav")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    bars_were_on, ffmpeg_level, svt_log = not are_progress_bars_disabled(), libav_level(), os.environ.get("SVT_LOG")
+    loggers["lerobot"].setLevel(max(logging.WARNING, loggers["lerobot"].getEffectiveLevel()))
+    av.logging.set_libav_level(av.logging.ERROR)
+    disable_progress_bars()
+    os.environ["SVT_LOG"] = svt_log or "1"
+    try:
+        yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+        av.logging.set_libav_level(ffmpeg_level)
+        if bars_were_on:
+            enable_progress_bars()
+        if svt_log is None:
+            os.environ.pop("SVT_LOG", None)
+
+
+class VariantError(ValueError):
+    """Arguments of `create` that describe no dataset."""
+
+
+def create(
+    root: Path,
+    episodes: int = 10,
+    seed: int = 0,
+    repo_id: str = REPO_ID,
+    *,
+    image_size: tuple[int, int] = IMAGE_SHAPE[:2],
+    cameras: Sequence[str] = CAMERAS,
+    tasks: int = 1,
+    fps: int = FPS,
+    frames: int = FRAMES_PER_EPISODE,
+    images: bool = False,
+) -> Path:
+    """Write the dataset to `root` with lerobot's own writer; same arguments, same data (`meta/stats.json` may
+    list its keys in another order). `image_size` is (height, width) of the cameras: 64x64 for tests and the
+    demo, 480x640 as a real camera's; `cameras` names them (observation.images.<name>); episode e performs task
+    e mod `tasks`; `frames` per episode at `fps`; `images` stores image features (PNG in the data parquet)
+    instead of AV1 videos."""
+    cameras = tuple(cameras)
+    problems = [
+        *(["episodes must be at least 1"] if episodes < 1 else []),
+        *(["frames must be at least 4"] if frames < 4 else []),
+        *(["fps must be at least 1"] if fps < 1 else []),
+        *([f"tasks must be 1 to {len(TASKS)}"] if not 1 <= tasks <= len(TASKS) else []),
+        # SVT-AV1 dies of SIGFPE on frames narrower than 32 pixels (seen at 24).
+        *(["image height must be at least 8, width at least 32"] if image_size[0] < 8 or image_size[1] < 32 else []),
+        *(["cameras must be distinct names without dots or slashes"] if not _valid_cameras(cameras) else []),
+    ]
+    if problems:
+        raise VariantError("; ".join(problems))
     if root.exists():
         raise FileExistsError(f"{root} already exists; pass an empty or new folder to --root.")
+    shape = (*image_size, 3)
     rng = np.random.default_rng(seed)
-    os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder's errors only, not its 60 lines of settings an episode
-    dataset = LeRobotDataset.create(
-        repo_id, FPS, features(shape), root=root, robot_type="piper", use_videos=True, video_backend="pyav"
-    )
-    try:
-        with scheduling_kept():
-            for _ in range(episodes):
-                for frame in episode(rng, shape):
-                    dataset.add_frame(frame)
-                dataset.save_episode(parallel_encoding=False)
+    with quiet():
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+        dataset = LeRobotDataset.create(
+            repo_id, fps, features(shape, cameras, images), root=root, robot_type="piper",
+            use_videos=not images, video_backend="pyav",
+        )  # fmt: skip
+        try:
+            with scheduling_kept():
+                for index in range(episodes):
+                    for frame in episode(rng, shape, cameras, index % tasks, frames):
+                        dataset.add_frame(frame)
+                    dataset.save_episode(parallel_encoding=False)
+                dataset.finalize()
+        except BaseException:
             dataset.finalize()
-    except BaseException:
-        dataset.finalize()
-        shutil.rmtree(root, ignore_errors=True)
-        raise
+            shutil.rmtree(root, ignore_errors=True)
+            raise
     return root
+
+
+def _valid_cameras(cameras: tuple[str, ...]) -> bool:
+    return bool(cameras) and len(set(cameras)) == len(cameras) and all(c and not {".", "/"} & set(c) for c in cameras)
+
+
+def summary(root: Path, seconds: float) -> str:
+    """What was written where, read back from the dataset's own metadata: two lines."""
+    info = json.loads((root / "meta" / "info.json").read_text())
+    cameras = {k.removeprefix("observation.images."): v for k, v in info["features"].items() if "images." in k}
+    height, width, _ = next(iter(cameras.values()))["shape"]
+    kind = next(iter(cameras.values()))["dtype"]
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return (
+        f"Wrote {REPO_ID} to {root}: {info['total_episodes']} episodes, {info['total_frames']} frames at "
+        f"{info['fps']} fps, {info['total_tasks']} task(s), cameras {', '.join(cameras)} {height}x{width} as {kind}.\n"
+        f"{size / 1e6:.1f} MB in {seconds:.1f} s. Train on it with --dataset_id {REPO_ID} --dataset_root {root}"
+    )
 
 
 def ensure(root: Path, episodes: int = 10, seed: int = 0) -> Path:
@@ -182,23 +323,40 @@ def ensure(root: Path, episodes: int = 10, seed: int = 0) -> Path:
     return root
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    if not (sep and height.isdigit() and width.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 480x640, not {text!r}")
+    return int(height), int(width)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m accel_train.demo_dataset", description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="folder to write the dataset into (must not exist)")
     parser.add_argument("--episodes", type=int, default=10, help="number of episodes (default 10)")
+    parser.add_argument("--frames", type=int, default=FRAMES_PER_EPISODE,
+                        help=f"frames per episode (default {FRAMES_PER_EPISODE})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same dataset")
-    parser.add_argument("--size", type=int, nargs=2, default=IMAGE_SHAPE[:2], metavar=("HEIGHT", "WIDTH"),
-                        help="camera image size (default 64 64)")  # fmt: skip
+    parser.add_argument("--image_size", type=_image_size, default=IMAGE_SHAPE[:2], metavar="HxW",
+                        help="camera image size, height x width (default 64x64; a real camera: 480x640)")  # fmt: skip
+    parser.add_argument("--cameras", type=lambda text: tuple(text.split(",")), default=CAMERAS,
+                        help=f"comma-separated camera names (default {','.join(CAMERAS)})")  # fmt: skip
+    parser.add_argument("--tasks", type=int, default=1, help=f"number of tasks, 1 to {len(TASKS)} (default 1)")
+    parser.add_argument("--fps", type=int, default=FPS, help=f"frames per second (default {FPS})")
+    parser.add_argument("--images", action="store_true", help="store the cameras as images, not AV1 videos")
     args = parser.parse_args(argv)
-    if args.episodes < 1:
-        parser.error("--episodes must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
     try:
-        create(args.root, args.episodes, args.seed, size=tuple(args.size))
+        create(
+            args.root, args.episodes, args.seed, image_size=args.image_size, cameras=args.cameras,
+            tasks=args.tasks, fps=args.fps, frames=args.frames, images=args.images,
+        )  # fmt: skip
+    except VariantError as error:
+        parser.error(str(error))
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Wrote {args.episodes} episodes of '{TASK}' to {args.root} (repo id {REPO_ID}).")
+    print(summary(args.root, time.perf_counter() - start))
     return 0
 
 

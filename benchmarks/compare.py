@@ -286,7 +286,9 @@ def measure(work: Workload, pairs: int, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
-        data = demo_dataset.create(tmp / "piper_demo", episodes=4 if work.realistic else 10, seed=0, size=work.size)
+        data = demo_dataset.create(
+            tmp / "piper_demo", episodes=4 if work.realistic else 10, seed=0, image_size=work.size
+        )
         measured = {"rows": throughput(work, data, tmp, pairs, steps)}
         if not work.realistic:
             measured["stall"] = checkpoint_stall(data, tmp, pairs)

@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hub_server import HubServer
 
 # Nothing may reach the real Hub: huggingface_hub reads these at import time. Port 9 on the loopback refuses
 # connections at once; the Hub tests point HF_ENDPOINT at their own local server.
@@ -103,3 +106,44 @@ def same_weights(a: Path, b: Path) -> bool:
 
     ours, theirs = load_file(a), load_file(b)
     return ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+
+
+@dataclass(frozen=True)
+class ServedDataset:
+    """A dataset repo on a local test Hub; `env` is the environment of a process that downloads from it."""
+
+    hub: HubServer
+    repo_id: str
+    revision: str  # the commit tagged with the dataset's codebase_version
+    root: Path  # the local copy that was pushed
+    env: dict[str, str]
+
+
+@pytest.fixture
+def served_dataset(tiny_dataset: Path, tmp_path: Path) -> Iterator[ServedDataset]:
+    """The tiny demo dataset published on a fresh test Hub (tests/hub_server.py) as lerobot's `push_to_hub` does
+    (without its dataset card, whose YAML huggingface_hub validates on huggingface.co): dataset repo
+    `test-user/piper_demo`, its files at the repo root as on disk (meta/, data/, videos/), in one commit tagged
+    with meta/info.json's codebase_version (`v3.0`), the tag lerobot opens a Hub dataset at.
+
+    For the test's duration this process's huggingface_hub client talks to that Hub, logged in, with its cache in
+    tmp_path/home; `env` does the same for subprocesses (HF_LEROBOT_HOME is tmp_path/home/lerobot there).
+    """
+    import huggingface_hub
+
+    home = tmp_path / "home"
+    with HubServer() as hub, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        patch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+        patch.setenv("HF_TOKEN", hub.token)
+        repo_id = f"{hub.user}/piper_demo"
+        api = huggingface_hub.HfApi()
+        api.create_repo(repo_id, repo_type="dataset")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=tiny_dataset, repo_type="dataset")
+        version = json.loads((tiny_dataset / "meta" / "info.json").read_text())["codebase_version"]
+        api.create_tag(repo_id, tag=version, revision=commit.oid, repo_type="dataset")
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(home)}
+        env["HF_LEROBOT_HOME"] = str(home / "lerobot")
+        yield ServedDataset(hub, repo_id, commit.oid, tiny_dataset, env)

@@ -170,11 +170,14 @@ def test_bad_options(options: list[str], message: str, tmp_path: Path, capsys: p
 
 def trains_and_resumes(dataset: Path, tmp_path: Path, steps: int, resume_at: int, *extra: str) -> None:
     """`steps` straight == resumed from that run's checkpoint at `resume_at`, into a fresh output dir: same
-    losses after the resume, same final weights."""
+    losses after the resume, same final weights. Both runs take the `extra` flags (flags override a resumed
+    run's saved configuration, and base_args gives one batch size)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert_ok(run_cli(base_args(dataset, straight, "--steps", str(steps), "--save_freq", str(resume_at), *extra)))
     checkpoint = straight / f"checkpoint-{resume_at}"
-    result = run_cli(base_args(dataset, resumed, "--steps", str(steps), "--resume_from_checkpoint", str(checkpoint)))
+    result = run_cli(
+        base_args(dataset, resumed, "--steps", str(steps), "--resume_from_checkpoint", str(checkpoint), *extra)
+    )
     assert_ok(result)
     assert f"at step {resume_at}" in result.stderr
     assert losses(resumed) == losses(straight)[resume_at:] and len(losses(straight)) == steps
@@ -187,3 +190,12 @@ def test_variant_trains_and_resumes_exactly(variant: Path, tmp_path: Path) -> No
 
 def test_one_camera_trains_and_resumes_exactly(one_camera: tuple[Path, subprocess.CompletedProcess], tmp_path: Path):
     trains_and_resumes(one_camera[0], tmp_path, 6, 5)  # the resume lies in the second epoch
+
+
+@pytest.mark.slow
+def test_camera_sized_variant_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    """Three 480x640 cameras, as the real Piper dataset's (pytest -m slow: minutes of CPU for a few steps)."""
+    root = demo_dataset.create(tmp_path / "piper", episodes=2, image_size=(480, 640), frames=8)
+    dataset = load(root)
+    assert [dataset[9][key].shape for key in dataset.meta.video_keys] == [(3, 480, 640)] * 3
+    trains_and_resumes(root, tmp_path, 3, 2, "--batch_size", "2")

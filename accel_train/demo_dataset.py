@@ -185,11 +185,15 @@ def scheduling_kept() -> Iterator[None]:
 
 
 def _libavutil() -> ctypes.CDLL | None:
-    """The libavutil this process runs PyAV on (Linux: found among the loaded libraries), or None."""
+    """The libavutil this process runs PyAV on (Linux: among the loaded libraries, the one PyAV's wheel bundles
+    in preference to another, such as a system FFmpeg's that torchcodec loaded), or None."""
+    import av
+
+    bundled = str(Path(av.__file__).resolve().parent.parent / "av.libs")
     with contextlib.suppress(OSError):
         with open("/proc/self/maps") as maps:
             loaded = {line.split()[-1] for line in maps if "libavutil" in line and "/" in line}
-        for path in sorted(loaded):
+        for path in sorted(loaded, key=lambda path: not path.startswith(bundled)):
             return ctypes.CDLL(path)
     return None
 

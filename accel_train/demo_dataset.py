@@ -72,9 +72,12 @@ _IK = np.array(
 )
 
 
-def features(shape: tuple[int, int, int] = IMAGE_SHAPE, cameras: Sequence[str] = CAMERAS, images: bool = False) -> dict:
-    """LeRobot feature spec of the dataset: state/action of 7 values and one RGB feature per camera, stored as
-    video or (with `images`) as image frames."""
+def features(
+    shape: tuple[int, int, int] = IMAGE_SHAPE, cameras: Sequence[str] | None = None, images: bool = False
+) -> dict:
+    """LeRobot feature spec of the dataset: state/action of 7 values and one RGB feature per camera (default:
+    `CAMERAS`, read when called), stored as video or (with `images`) as image frames."""
+    cameras = CAMERAS if cameras is None else cameras
     vector = {"dtype": "float32", "shape": (7,), "names": JOINT_NAMES}
     camera = {"dtype": "image" if images else "video", "shape": shape, "names": ["height", "width", "channels"]}
     return {
@@ -249,18 +252,18 @@ def create(
     repo_id: str = REPO_ID,
     *,
     image_size: tuple[int, int] = IMAGE_SHAPE[:2],
-    cameras: Sequence[str] = CAMERAS,
+    cameras: Sequence[str] | None = None,
     tasks: int = 1,
     fps: int = FPS,
     frames: int = FRAMES_PER_EPISODE,
     images: bool = False,
 ) -> Path:
-    """Write the dataset to `root` with lerobot's own writer; same arguments, same data (`meta/stats.json` may
-    list its keys in another order). `image_size` is (height, width) of the cameras: 64x64 for tests and the
-    demo, 480x640 as a real camera's; `cameras` names them (observation.images.<name>); episode e performs task
-    e mod `tasks`; `frames` per episode at `fps`; `images` stores image features (PNG in the data parquet)
-    instead of AV1 videos."""
-    cameras = tuple(cameras)
+    """Write the dataset to `root` with lerobot's own writer; same arguments, same data (`meta/stats.json` may list its
+    keys in another order). `image_size` is (height, width) of the cameras: 64x64 for tests and the demo, 480x640 as
+    a real camera's; `cameras` names them (observation.images.<name>; default `CAMERAS`, read when called); episode
+    e performs task e mod `tasks`; `frames` per episode at `fps`; `images` stores image features (PNG in the data
+    parquet) instead of AV1 videos."""
+    cameras = tuple(CAMERAS if cameras is None else cameras)
     problems = [
         *(["episodes must be at least 1"] if episodes < 1 else []),
         *(["frames must be at least 4"] if frames < 4 else []),

@@ -35,7 +35,9 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -242,54 +244,64 @@ def quiet() -> Iterator[None]:
 
 
 class VariantError(ValueError):
-    """Arguments of `create` that describe no dataset."""
+    """Options of `create` that describe no dataset."""
 
 
-def create(
-    root: Path,
-    episodes: int = 10,
-    seed: int = 0,
-    repo_id: str = REPO_ID,
-    *,
-    image_size: tuple[int, int] = IMAGE_SHAPE[:2],
-    cameras: Sequence[str] | None = None,
-    tasks: int = 1,
-    fps: int = FPS,
-    frames: int = FRAMES_PER_EPISODE,
-    images: bool = False,
-) -> Path:
+@dataclass(frozen=True)
+class Variant:
+    """How a dataset differs from the demo's defaults: the keyword options of `create` and the command."""
+
+    image_size: tuple[int, int] = IMAGE_SHAPE[:2]  # (height, width)
+    cameras: Sequence[str] | None = None  # None: CAMERAS, read when the dataset is written
+    tasks: int = 1
+    fps: int = FPS
+    frames: int = FRAMES_PER_EPISODE  # per episode
+    images: bool = False
+
+    def problems(self) -> list[str]:
+        cameras = tuple(self.cameras or ())
+        valid_cameras = len(set(cameras)) == len(cameras) and all(c and not {".", "/"} & set(c) for c in cameras)
+        height, width = self.image_size
+        return [
+            *(["frames must be at least 4"] if self.frames < 4 else []),
+            *(["fps must be at least 1"] if self.fps < 1 else []),
+            *([f"tasks must be 1 to {len(TASKS)}"] if not 1 <= self.tasks <= len(TASKS) else []),
+            # SVT-AV1 dies of SIGFPE on frames narrower than 32 pixels (seen at 24).
+            *(["image height must be at least 8, width at least 32"] if height < 8 or width < 32 else []),
+            *(
+                []
+                if valid_cameras and self.cameras != ()
+                else ["cameras must be distinct names without dots or slashes"]
+            ),
+        ]
+
+
+def create(root: Path, episodes: int = 10, seed: int = 0, repo_id: str = REPO_ID, **options: Any) -> Path:
     """Write the dataset to `root` with lerobot's own writer; same arguments, same data (`meta/stats.json` may list its
-    keys in another order). `image_size` is (height, width) of the cameras: 64x64 for tests and the demo, 480x640 as
-    a real camera's; `cameras` names them (observation.images.<name>; default `CAMERAS`, read when called); episode
-    e performs task e mod `tasks`; `frames` per episode at `fps`; `images` stores image features (PNG in the data
+    keys in another order). `options` are `Variant`'s fields: `image_size` (height, width) of the cameras, 64x64 for
+    tests and the demo, 480x640 as a real camera's; `cameras` names them (observation.images.<name>); episode e
+    performs task e mod `tasks`; `frames` per episode at `fps`; `images` stores image features (PNG in the data
     parquet) instead of AV1 videos."""
-    cameras = tuple(CAMERAS if cameras is None else cameras)
-    problems = [
-        *(["episodes must be at least 1"] if episodes < 1 else []),
-        *(["frames must be at least 4"] if frames < 4 else []),
-        *(["fps must be at least 1"] if fps < 1 else []),
-        *([f"tasks must be 1 to {len(TASKS)}"] if not 1 <= tasks <= len(TASKS) else []),
-        # SVT-AV1 dies of SIGFPE on frames narrower than 32 pixels (seen at 24).
-        *(["image height must be at least 8, width at least 32"] if image_size[0] < 8 or image_size[1] < 32 else []),
-        *(["cameras must be distinct names without dots or slashes"] if not _valid_cameras(cameras) else []),
-    ]
+    variant = Variant(**options)
+    problems = (["episodes must be at least 1"] if episodes < 1 else []) + variant.problems()
     if problems:
         raise VariantError("; ".join(problems))
     if root.exists():
         raise FileExistsError(f"{root} already exists; pass an empty or new folder to --root.")
-    shape = (*image_size, 3)
+    cameras, tasks = tuple(CAMERAS if variant.cameras is None else variant.cameras), variant.tasks
+    shape = (*variant.image_size, 3)
     rng = np.random.default_rng(seed)
     with quiet():
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
         dataset = LeRobotDataset.create(
-            repo_id, fps, features(shape, cameras, images), root=root, robot_type="piper",
-            use_videos=not images, video_backend="pyav",
+            repo_id, variant.fps, features(shape, cameras, variant.images), root=root, robot_type="piper",
+            use_videos=not variant.images, video_backend="pyav",
         )  # fmt: skip
         try:
             with scheduling_kept():
                 for index in range(episodes):
-                    for frame in episode(rng, shape, cameras, index % tasks, frames):
+                    for frame in episode(rng, shape, cameras, index % tasks, variant.frames):
                         dataset.add_frame(frame)
                     dataset.save_episode(parallel_encoding=False)
                 dataset.finalize()
@@ -298,10 +310,6 @@ def create(
             shutil.rmtree(root, ignore_errors=True)
             raise
     return root
-
-
-def _valid_cameras(cameras: tuple[str, ...]) -> bool:
-    return bool(cameras) and len(set(cameras)) == len(cameras) and all(c and not {".", "/"} & set(c) for c in cameras)
 
 
 def summary(root: Path, seconds: float) -> str:

@@ -252,25 +252,30 @@ class _Api:
             repo_id = f"{unquote(m[2])}/{unquote(m[3])}"
             return self._resolve(req, _URL_TYPES[m[1] or "models"], repo_id, unquote(m[4]), unquote(m[5]))
         if m := _API_REPO.match(path):
-            repo_type, repo_id = _URL_TYPES[m[1]], f"{unquote(m[2])}/{unquote(m[3])}"
-            action, *args = [unquote(part) for part in m[4].split("/")] if m[4] else [""]
-            if method == "GET" and (action == "" and not args or action == "revision" and len(args) == 1):
-                return self._repo_info(req, repo_type, repo_id, args[0] if args else "main")
-            if method == "POST" and action == "preupload" and len(args) == 1:
-                return self._preupload(req, repo_type, repo_id, args[0])
-            if method == "POST" and action == "commit" and len(args) == 1:
-                return self._commit(req, repo_type, repo_id, args[0])
-            if method == "GET" and action == "tree" and args:
-                return self._tree(req, repo_type, repo_id, args[0], "/".join(args[1:]).strip("/"))
-            if method == "GET" and action == "refs" and not args:
-                return self._refs(req, repo_type, repo_id)
-            if method == "POST" and action == "branch" and len(args) == 1:
-                return self._create_branch(req, repo_type, repo_id, args[0])
-            if method == "POST" and action == "tag" and len(args) == 1:
-                return self._create_tag(req, repo_type, repo_id, args[0])
-            if method == "DELETE" and action == "tag" and len(args) == 1:
-                return self._delete_tag(req, repo_type, repo_id, args[0])
+            return self._route_repo_api(req, _URL_TYPES[m[1]], f"{unquote(m[2])}/{unquote(m[3])}", m[4])
         raise _HubError(404, f"{method} {path} is not implemented by the test hub server")
+
+    def _route_repo_api(self, req: _Request, repo_type: str, repo_id: str, rest: str | None) -> _Reply:
+        """/api/{models,datasets,spaces}/NAMESPACE/NAME[/REST]: REST is an action and its arguments."""
+        method = req.method
+        action, *args = [unquote(part) for part in rest.split("/")] if rest else [""]
+        if method == "GET" and (action == "" and not args or action == "revision" and len(args) == 1):
+            return self._repo_info(req, repo_type, repo_id, args[0] if args else "main")
+        if method == "POST" and action == "preupload" and len(args) == 1:
+            return self._preupload(req, repo_type, repo_id, args[0])
+        if method == "POST" and action == "commit" and len(args) == 1:
+            return self._commit(req, repo_type, repo_id, args[0])
+        if method == "GET" and action == "tree" and args:
+            return self._tree(req, repo_type, repo_id, args[0], "/".join(args[1:]).strip("/"))
+        if method == "GET" and action == "refs" and not args:
+            return self._refs(req, repo_type, repo_id)
+        if method == "POST" and action == "branch" and len(args) == 1:
+            return self._create_branch(req, repo_type, repo_id, args[0])
+        if method == "POST" and action == "tag" and len(args) == 1:
+            return self._create_tag(req, repo_type, repo_id, args[0])
+        if method == "DELETE" and action == "tag" and len(args) == 1:
+            return self._delete_tag(req, repo_type, repo_id, args[0])
+        raise _HubError(404, f"{method} {req.path} is not implemented by the test hub server")
 
     def _require_auth(self, req: _Request) -> None:
         """Writes need a token (a wrong one was already refused); anonymous reads are allowed."""
@@ -452,27 +457,7 @@ class _Api:
         added: dict[str, None] = {}
         deleted: dict[str, None] = {}
         for op in operations:
-            key, path = op.get("key"), op.get("value", {}).get("path", "")
-            if key == "file":
-                touched = {path: _Entry.regular(staged[path])}
-            elif key == "lfsFile":
-                oid = op["value"].get("oid", "")
-                data = repo.blobs.get(oid)
-                if data is None or op["value"].get("size", len(data)) != len(data):
-                    raise _HubError(400, f"LFS object {oid} for {path} was not uploaded")
-                touched = {path: _Entry.large(oid, len(data))}
-            elif key == "deletedFile":
-                if path not in tree:
-                    raise _HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
-                touched = {path: None}
-            elif key == "deletedFolder":
-                prefix = path.rstrip("/") + "/"
-                touched = {p: None for p in tree if p.startswith(prefix)}
-                if not touched:
-                    raise _HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
-            else:
-                raise _HubError(400, f"Unsupported commit operation: {key}")
-            for p, entry in touched.items():
+            for p, entry in _Api._touched(repo, tree, op, staged).items():
                 if entry is None:
                     del tree[p]
                     added.pop(p, None)
@@ -482,6 +467,32 @@ class _Api:
                     deleted.pop(p, None)
                     added[p] = None
         return tree, list(added), list(deleted)
+
+    @staticmethod
+    def _touched(
+        repo: _Repo, tree: dict[str, _Entry], op: dict[str, Any], staged: dict[str, bytes]
+    ) -> dict[str, _Entry | None]:
+        """The paths one commit operation sets (to their new entry) or deletes (None)."""
+        key, path = op.get("key"), op.get("value", {}).get("path", "")
+        if key == "file":
+            return {path: _Entry.regular(staged[path])}
+        if key == "lfsFile":
+            oid = op["value"].get("oid", "")
+            data = repo.blobs.get(oid)
+            if data is None or op["value"].get("size", len(data)) != len(data):
+                raise _HubError(400, f"LFS object {oid} for {path} was not uploaded")
+            return {path: _Entry.large(oid, len(data))}
+        if key == "deletedFile":
+            if path not in tree:
+                raise _HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+            return {path: None}
+        if key == "deletedFolder":
+            prefix = path.rstrip("/") + "/"
+            touched: dict[str, _Entry | None] = {p: None for p in tree if p.startswith(prefix)}
+            if not touched:
+                raise _HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
+            return touched
+        raise _HubError(400, f"Unsupported commit operation: {key}")
 
     def _tree(self, req: _Request, repo_type: str, repo_id: str, revision: str, base: str) -> _Reply:
         recursive = req.query.get("recursive", ["false"])[0].lower() in ("1", "true")

@@ -260,7 +260,8 @@ class Variant:
 
     def problems(self) -> list[str]:
         cameras = tuple(self.cameras or ())
-        valid_cameras = len(set(cameras)) == len(cameras) and all(c and not {".", "/"} & set(c) for c in cameras)
+        distinct = len(set(cameras)) == len(cameras) and all(c and not {".", "/"} & set(c) for c in cameras)
+        named = self.cameras is None or (bool(cameras) and distinct)
         height, width = self.image_size
         return [
             *(["frames must be at least 4"] if self.frames < 4 else []),
@@ -268,11 +269,7 @@ class Variant:
             *([f"tasks must be 1 to {len(TASKS)}"] if not 1 <= self.tasks <= len(TASKS) else []),
             # SVT-AV1 dies of SIGFPE on frames narrower than 32 pixels (seen at 24).
             *(["image height must be at least 8, width at least 32"] if height < 8 or width < 32 else []),
-            *(
-                []
-                if valid_cameras and self.cameras != ()
-                else ["cameras must be distinct names without dots or slashes"]
-            ),
+            *([] if named else ["cameras must be one or more distinct names without dots or slashes"]),
         ]
 
 

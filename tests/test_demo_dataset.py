@@ -155,7 +155,8 @@ def test_writing_leaves_logging_as_it_was(tmp_path: Path, capfd: pytest.CaptureF
     ("options", "message"),
     [
         (["--tasks", "5"], "tasks must be 1 to 4"),
-        (["--cameras", "front,front"], "cameras must be distinct names"),
+        (["--cameras", "front,front"], "cameras must be one or more distinct names"),
+        (["--cameras", "a.b"], "without dots or slashes"),
         (["--image_size", "480"], "expected HEIGHTxWIDTH"),
         (["--image_size", "64x24"], "width at least 32"),
         (["--frames", "2", "--episodes", "0"], "episodes must be at least 1; frames must be at least 4"),

@@ -343,7 +343,7 @@ def parse(args: list[str], base: dict | None = None) -> TrainConfig:
     if config_file is not None:
         from_file = yaml.safe_load(config_file.read_text()) or {}
         continued, asked = ((layer.get("policy") or {}).get("type") for layer in (layers, from_file))
-        if continued and asked and continued != asked:
+        if continued and asked and continued != asked and not gives_policy_type(args):
             raise UsageError(
                 f"{config_file} sets the policy type '{asked}', but this run continues a '{continued}' policy (from "
                 "its checkpoint or --policy.path). Use a config file without that policy section, or start a new run."

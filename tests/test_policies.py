@@ -80,9 +80,9 @@ def smolvla(vlm: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def one_camera_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo dataset with its front camera only."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(demo_dataset, "CAMERAS", ("front",))
-        root = demo_dataset.create(tmp_path_factory.mktemp("data") / "one_camera", episodes=EPISODES, seed=0)
+    root = demo_dataset.create(
+        tmp_path_factory.mktemp("data") / "one_camera", episodes=EPISODES, seed=0, cameras=["front"]
+    )
     features = json.loads((root / "meta" / "info.json").read_text())["features"]
     assert [k for k in features if k.startswith("observation.images")] == ["observation.images.front"]
     return root

@@ -24,6 +24,7 @@ from lerobot.optim.optimizers import OptimizerConfig
 from lerobot.optim.schedulers import LRSchedulerConfig
 from lerobot.transforms import ImageTransformsConfig
 
+from accel_train import frame_cache
 from accel_train.errors import UsageError
 
 DEFAULT_POLICY_TYPE = "act"
@@ -42,6 +43,11 @@ class TrainConfig:
     demo_dataset: bool = False
     # "torchcodec" or "pyav"; empty: torchcodec when its FFmpeg libraries load, else pyav.
     video_backend: str | None = None
+    # Decoded-frame cache (accel_train/frame_cache.py): off, ram (/dev/shm) or disk (~/.cache/accel_train/frames);
+    # its folder, and a cap on its size in GB (default: what its filesystem has free, less a reserve).
+    frame_cache: str = "off"
+    frame_cache_dir: Path | None = None
+    frame_cache_gb: float | None = None
     # A checkpoint folder, or "latest" (newest complete checkpoint in output_dir, or a fresh start).
     resume_from_checkpoint: str | None = None
     # Fine-tune: weights and processors from this checkpoint, fresh optimizer, step 0.
@@ -102,6 +108,8 @@ class TrainConfig:
             problems.append("--num_workers must be 0 or more")
         if self.video_backend not in (None, "torchcodec", "pyav"):
             problems.append("--video_backend must be torchcodec or pyav")
+        self.frame_cache = frame_cache.mode_name(self.frame_cache)
+        problems += frame_cache.check_options(self.frame_cache, self.frame_cache_gb)
         if self.demo_dataset and self.dataset_root is None:
             problems.append("--demo_dataset needs --dataset_root, the folder to create the demo dataset in")
         if self.push_to_hub and not self.hub_repo_id:

@@ -31,7 +31,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from accel_train import checkpoint as ckpt
 from accel_train import config as config_
-from accel_train import demo_dataset, hub
+from accel_train import demo_dataset, frame_cache, hub
 from accel_train.checkpoint import Checkpointer, TrainerState
 from accel_train.config import TrainConfig
 from accel_train.data import (
@@ -109,6 +109,7 @@ def run(args: list[str]) -> TrainerState:
     accelerator.wait_for_everyone()
     cfg.policy.device = accelerator.device.type
     dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
+    cache = frame_cache.attach(dataset, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb)
     train_episodes, val_episodes = split_episodes(dataset.meta.total_episodes, cfg.val_episodes, cfg.seed)
     order = make_order(dataset, cfg.policy, cfg.seed, train_episodes)
     validator = make_validator(cfg, accelerator, dataset, val_episodes)
@@ -155,6 +156,7 @@ def run(args: list[str]) -> TrainerState:
     if cfg.push_to_hub and accelerator.is_main_process:
         pusher = HubPusher(cfg.hub_repo_id, cfg.hub_revision, cfg.hub_private, cfg.hub_keep_last, cfg.hub_retries)
     summarize(cfg, accelerator, policy, dataset, sampler, resume or cfg.init_from, state)
+    log.info("Frame cache: %s", cache.describe())
 
     def on_published(path: Path) -> None:
         """Once a checkpoint is on disk (in the checkpoint writer thread of the main process): push, prune."""

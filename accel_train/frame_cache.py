@@ -148,9 +148,9 @@ class Report:
             f"{frames} of {self.frames_total} frames, {_size(self.bytes_cached)}"
         )
         if self.filled_now:
-            text += f"; filled {self.filled_now} files now in {self.fill_s:.1f} s (sequential decode)"
+            text += f"; filled {self.filled_now} files now in {self.fill_s:.2f} s (sequential decode)"
         if self.filled_now < len(self.cached):
-            text += f"; reused from an earlier fill ({self.stored_fill_s:.1f} s of decoding in all)"
+            text += f"; reused from an earlier fill ({self.stored_fill_s:.2f} s of decoding in all)"
         if self.waited_s >= LOCK_WAIT_LOG_S:
             text += f"; waited {self.waited_s:.1f} s for another process filling it"
         if len(self.cached) < self.files_total:
@@ -307,6 +307,10 @@ class CacheFull(Exception):
     """The cap or the filesystem has no room for the next file."""
 
 
+class NotExact(Exception):
+    """The sequential decode differs from lerobot's decode with the dataset's backend."""
+
+
 def decode_sequentially(path: Path) -> Iterator[tuple[float, np.ndarray]]:
     """Every frame of the video in presentation order, (timestamp in seconds, CHW uint8 RGB frame), decoded as
     lerobot's decode_video_frames_pyav decodes them."""
@@ -359,7 +363,10 @@ def fill_entry(dataset: Any, store_dir: Path, video: VideoFile, key: dict[str, A
             raise ValueError(f"{video.relpath} has no frames")
         shape = (len(timestamps), *frame_shape)
         if not _same_as_lerobot(dataset, source, timestamps, np.memmap(tmp, np.uint8, "r", shape=shape)):
-            raise ValueError(f"decoding {video.relpath} sequentially differs from lerobot's decode")
+            raise NotExact(
+                f"PyAV's sequential decode of {video.relpath} differs from lerobot's decode with the "
+                f"{dataset.reader._video_backend} backend"
+            )
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -425,7 +432,7 @@ def store_lock(store_dir: Path, report: Report):
             log.info("Frame cache: waiting for another process filling %s", store_dir)
             lock.acquire()
     except OSError as error:
-        log.warning("Frame cache: cannot lock %s (%s); using what it holds complete, filling nothing", store_dir, error)
+        report.reason = f"cannot lock {store_dir} ({error.strerror or error}): using what it holds, filling nothing"
         yield False
         return
     report.waited_s = time.perf_counter() - start
@@ -519,6 +526,10 @@ def fill(
             report.filled_now += 1
         except CacheFull:
             skipped.append(video.relpath)
+        except NotExact as error:
+            report.reason = str(error)
+            log.warning("Frame cache: %s; the files not yet in the store are decoded from video", report.reason)
+            break
         except OSError as error:
             full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
             report.reason = f"writing {store_dir} failed ({error.strerror or error}{', disk full' if full else ''})"

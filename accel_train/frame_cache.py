@@ -11,8 +11,8 @@ Exactness: the store holds the uint8 RGB frames PyAV decodes (`frame.to_ndarray(
 frame lerobot would return: the shifted timestamp `from_timestamp + ts` and the frame timestamps compared in
 float32, the nearest frame (first on ties) taken when it is the only one within `tolerance_s`. Anything else
 (no frame or several within tolerance, a camera not in the store, depth video) goes to lerobot's own decoding,
-errors included. Filling a file checks three of its frames against lerobot's decode with the dataset's backend,
-and drops the file from the store on any difference.
+errors included. Filling a file checks three of its frames against lerobot's decode with the dataset's backend;
+on any difference filling stops and the files not yet in the store are decoded by lerobot.
 
 On-disk layout, one folder per dataset copy and decoder (`<dir>` is `--frame_cache_dir`, by default
 `~/.cache/accel_train/frames` for `disk` and `/dev/shm/accel_train_frames` for `ram`):
@@ -27,9 +27,9 @@ On-disk layout, one folder per dataset copy and decoder (`<dir>` is `--frame_cac
 The store key hashes the repo id, the dataset's absolute root, its revision and codebase version, and the
 decoder (PyAV and libavcodec versions, pixel format, layout, FORMAT). The file key adds the file's path in the
 dataset, size and mtime (ns). `<file id>` is that path with '/' -> '~'. A changed video gets a new file key: its
-old entry is deleted and it is decoded again. Both files of an entry are written under a temporary name and
-renamed into place, the marker last; an entry is read only when its marker's key matches and the .frames size
-equals the marker's shape, so a stale or half-written entry is never read.
+old entry is deleted and it is decoded again. Both files of an entry are written under a temporary name
+(`.tmp-<host>-<pid>` appended) and renamed into place, the marker last; an entry is read only when its marker's
+key matches and the .frames size equals the marker's shape, so a stale or half-written entry is never read.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -342,7 +343,7 @@ def fill_entry(dataset: Any, store_dir: Path, video: VideoFile, key: dict[str, A
     checked; the marker is written last. Raises CacheFull when the file needs more than `room` bytes."""
     stem = entry_stem(video, key)
     source, final = Path(dataset.root) / video.relpath, store_dir / f"{stem}.frames"
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp = final.with_name(f"{final.name}{_tmp_suffix()}")
     start = time.perf_counter()
     timestamps: list[float] = []
     frame_shape: tuple[int, ...] | None = None
@@ -377,8 +378,13 @@ def fill_entry(dataset: Any, store_dir: Path, video: VideoFile, key: dict[str, A
     return Entry(final, shape, np.asarray(timestamps, dtype=np.float32), fill_s)
 
 
+def _tmp_suffix() -> str:
+    """Unique to this process, also among the nodes sharing a file system."""
+    return f".tmp-{socket.gethostname()}-{os.getpid()}"
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{_tmp_suffix()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -464,6 +470,17 @@ def attach(dataset: Any, mode: str, directory: Path | None = None, cap_gb: float
     report = Report(mode)
     if mode == "off":
         return report
+    try:
+        return _attach(dataset, report, directory, cap_gb)
+    except Exception as error:  # the cache is an optimisation: whatever fails in it, the run decodes as before
+        log.warning("Frame cache: not used (%s: %s)", type(error).__name__, error)
+        report.cached.clear()
+        report.reason = f"{type(error).__name__}: {error}"
+        return report
+
+
+def _attach(dataset: Any, report: Report, directory: Path | None, cap_gb: float | None) -> Report:
+    mode = report.mode
     reason = unsupported(dataset)
     if reason is not None:
         report.reason = reason

@@ -9,7 +9,8 @@
    dataset in shuffled order) decoding vs from the store.
 3. Training: accel-train on the demo ACT (lerobot's default ACT in bf16 with --realistic), `--frame_cache off`
    vs `disk` (the store filled beforehand), runs alternated, order swapped every pair; steady-state samples/s
-   and the loop's wait for data (`data_s`).
+   and the loop's wait for data (`data_s`); CPU seconds of each run (trainer and workers), whose difference per
+   step is the CPU the cache frees for the compute, a measure less disturbed than samples/s by other load.
 Prints one JSON line at the end. Machines here are shared and noisy: compare the ratios of runs made side by
 side in one command, not absolute numbers across commands.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -97,24 +99,43 @@ def steady(out: Path) -> tuple[float, float]:
 
 
 def training(
-    work: Workload, root: Path, cache_dir: Path, tmp: Path, pairs: int, steps: int, workers: int, log_freq: int
+    work: Workload,
+    root: Path,
+    cache_dir: Path,
+    tmp: Path,
+    pairs: int,
+    steps: int,
+    workers: int,
+    log_freq: int,
+    more: list[str],
 ) -> dict:
-    rows: dict[str, list[tuple[float, float]]] = {"off": [], "disk": []}
+    rows: dict[str, list[tuple[float, float, float]]] = {"off": [], "disk": []}
     for pair in range(pairs):
         for mode in ("off", "disk") if pair % 2 == 0 else ("disk", "off"):
             out = tmp / f"{mode}-{pair}"
             extra = ["--num_workers", str(workers), "--log_freq", str(log_freq), "--frame_cache", mode]
-            command = ours_command(work, root, out, steps, *extra, "--frame_cache_dir", str(cache_dir))
+            command = ours_command(work, root, out, steps, *extra, "--frame_cache_dir", str(cache_dir), *more)
+            cpu_before = children_cpu_s()
             run(command, OUR_STEP, work.env())
-            rows[mode].append(steady(out))
+            rows[mode].append((*steady(out), children_cpu_s() - cpu_before))
             print(f"pair {pair} cache {mode}: {rows[mode][-1][0]:.2f} samples/s", flush=True)
     ratios = [d[0] / o[0] for d, o in zip(rows["disk"], rows["off"], strict=True)]
+    cpu = {mode: statistics.mean(r[2] for r in rows[mode]) for mode in rows}
     return {
         "samples_per_s": {mode: [round(r[0], 2) for r in rows[mode]] for mode in rows},
         "data_s_per_step": {mode: [round(r[1], 4) for r in rows[mode]] for mode in rows},
+        "cpu_s_per_run": {mode: [round(r[2], 1) for r in rows[mode]] for mode in rows},
         "cache_over_decode": round(statistics.median(ratios), 3),
         "pair_ratios": [round(r, 3) for r in ratios],
+        "cpu_s_saved_per_step": round((cpu["off"] - cpu["disk"]) / steps, 4),
+        "cpu_off_over_disk": round(cpu["off"] / cpu["disk"], 3),
     }
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of every finished child process (a trainer and its loader workers), user and system."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -124,6 +145,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--log_freq", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, help="per-device batch (default: compare.py's, 8)")
     parser.add_argument("--workers", type=int, help="loader workers (default: 1, 8 with --realistic)")
     parser.add_argument(
         "--realistic", action="store_true", help="lerobot's default ACT in bf16 on a GPU (compare.py --realistic)"
@@ -137,7 +159,12 @@ def main() -> None:
         result = {"image_shape": shape, "decode": decode_costs(root), "fill": fill_and_load(root, tmp / "cache")}
         print(json.dumps(result), flush=True)
         if args.pairs:
-            result["training"] = training(root, tmp / "cache", tmp, args.pairs, args.steps, args.workers, args.log_freq)
+            work = Workload(realistic=args.realistic)
+            workers = work.workers if args.workers is None else args.workers
+            more = ["--batch_size", str(args.batch_size)] if args.batch_size else []
+            result["training"] = training(
+                work, root, tmp / "cache", tmp, args.pairs, args.steps, workers, args.log_freq, more
+            )
         print(json.dumps(result))
 
 

@@ -32,6 +32,7 @@ from lerobot.optim.optimizers import OptimizerConfig
 from lerobot.optim.schedulers import LRSchedulerConfig
 from lerobot.transforms import ImageTransformsConfig
 
+from accel_train import frame_cache
 from accel_train.errors import UsageError
 
 DEFAULT_POLICY_TYPE = "act"
@@ -71,6 +72,12 @@ class TrainConfig:
     demo_dataset: bool = False
     # torchcodec or pyav; empty: torchcodec when its FFmpeg libraries load, else pyav.
     video_backend: Literal["torchcodec", "pyav"] | None = None
+    # Decoded-frame cache (accel_train/frame_cache.py): off, ram (/dev/shm) or disk (~/.cache/accel_train/frames);
+    # its folder, and a cap on its size in GB (default: what its filesystem has free, less a reserve). A string, not
+    # a Literal: YAML and draccus read `off` as the boolean false.
+    frame_cache: str = "off"
+    frame_cache_dir: Path | None = None
+    frame_cache_gb: float | None = None
     # A checkpoint folder, or "latest" (newest complete checkpoint in output_dir, or a fresh start).
     resume_from_checkpoint: str | None = None
     # Fine-tune: weights and processors from this checkpoint, fresh optimizer, step 0.
@@ -124,7 +131,9 @@ class TrainConfig:
     policy: PreTrainedConfig | None = None
 
     def validate(self) -> None:
+        self.frame_cache = frame_cache.mode_name(self.frame_cache)
         problems = [message for broken, message in self._rules() if broken]
+        problems += frame_cache.check_options(self.frame_cache, self.frame_cache_gb)
         if problems:
             raise UsageError("; ".join(problems) + ".")
 

@@ -25,6 +25,7 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.sampler import EpisodeAwareSampler
 from lerobot.transforms import ImageTransforms, ImageTransformsConfig
 
+from accel_train import frame_cache
 from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
 
@@ -249,12 +250,17 @@ class TrainingData:
     dataset: LeRobotDataset
     permutation: EpisodeAwareSampler
     held_out: list[int]
+    frame_cache: str = "off"  # what the decoded-frame cache does for this dataset, for the start-up summary
 
     @classmethod
     def load(cls, cfg: TrainConfig) -> TrainingData:
+        """Every rank: the dataset, its frames read from the decoded-frame cache when --frame_cache is on (the
+        first process on a machine fills it, the others wait), its episode split and frame permutation."""
         dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
+        cache = frame_cache.attach(dataset, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb)
         trained, held_out = split_episodes(dataset.meta.total_episodes, cfg.val_episodes, cfg.seed)
-        return cls(dataset, episode_permutation(dataset, cfg.policy, cfg.seed, trained), held_out)
+        permutation = episode_permutation(dataset, cfg.policy, cfg.seed, trained)
+        return cls(dataset, permutation, held_out, cache.describe())
 
     @property
     def epoch_samples(self) -> int:

@@ -251,7 +251,7 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
     log.info(
         "Policy %s: %s parameters (%s trainable). Dataset %s: %d frames, %d episodes, %d usable per epoch. "
         "Effective batch %d = %d per device x %d processes x %d accumulation. Devices: %d x %s. Precision: %s. "
-        "Checkpoints every %d steps in %s. %s",
+        "Checkpoints every %d steps in %s. Frame cache: %s. %s",
         cfg.policy.type,
         count(params),
         count(trainable),
@@ -268,6 +268,7 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
         cfg.mixed_precision,
         cfg.save_freq,
         cfg.output_dir,
+        data.frame_cache,
         origin,
     )
 

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+from accel_train import frame_cache
 from accel_train.config import Every, TrainConfig
 from accel_train.data import TrainingData, images_to_float, load_dataset
 
@@ -36,6 +37,7 @@ def make_validator(cfg: TrainConfig, accelerator: Accelerator, data: TrainingDat
     if cfg.image_transforms.enable:
         no_augmentation = dataclasses.replace(cfg.image_transforms, enable=False)
         dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, no_augmentation, cfg.video_backend)
+        frame_cache.attach(dataset, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb)  # filled: a lookup
     frames = held_out_frames(dataset, cfg.policy, data.held_out, cfg.val_max_samples)
     log.info("Validation on %d frames of held-out episodes %s", len(frames), data.held_out)
     return Validator(dataset, frames, cfg, accelerator, Every(cfg.eval_freq or cfg.save_freq, cfg.steps))

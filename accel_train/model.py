@@ -26,6 +26,7 @@ POSTPROCESSOR_FILE = "postprocessor_config.json"
 # lerobot's names, in a pretrained policy's folder
 PRETRAINED_PREPROCESSOR = "policy_preprocessor.json"
 PRETRAINED_POSTPROCESSOR = "policy_postprocessor.json"
+PRETRAINED_NAMES = (PRETRAINED_PREPROCESSOR, PRETRAINED_POSTPROCESSOR)
 
 
 def build_policy(cfg: TrainConfig, dataset: LeRobotDataset, pretrained: Path | None) -> PreTrainedPolicy:
@@ -103,7 +104,9 @@ def build_processors(
             cfg.policy, pretrained, (PRETRAINED_PREPROCESSOR, PRETRAINED_POSTPROCESSOR), (pre, post)
         )
     if source is not None or pretrained is not None:
-        log.warning("%s has no processor files: building them from the dataset's statistics.", source or pretrained)
+        folder, names = (source, (PREPROCESSOR_FILE, POSTPROCESSOR_FILE)) if source else (pretrained, PRETRAINED_NAMES)
+        missing = " or ".join(name for name in names if not (folder / name).is_file())
+        log.warning("%s has no %s: rebuilding the processors from the dataset's statistics.", folder, missing)
     preprocessor, postprocessor = make_pre_post_processors(cfg.policy, dataset_stats=stats)
     for step in preprocessor.steps:
         if isinstance(step, RenameObservationsProcessorStep):

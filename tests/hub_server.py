@@ -29,6 +29,8 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import yaml
+
 # Files the Hub stores through git-LFS: known binary extensions (the Hub's default .gitattributes), anything
 # over 10 MiB, and content whose first bytes contain a NUL (the Hub sniffs the preupload sample the same way).
 LFS_EXTENSIONS = (
@@ -240,10 +242,13 @@ class _Api:
 
     def _route(self, req: _Request) -> _Reply:
         method, path = req.method, req.path
-        if (method, path) == ("GET", "/api/whoami-v2"):
-            return self._whoami(req)
-        if (method, path) == ("POST", "/api/repos/create"):
-            return self._create_repo(req)
+        fixed = {
+            ("GET", "/api/whoami-v2"): self._whoami,
+            ("POST", "/api/repos/create"): self._create_repo,
+            ("POST", "/api/validate-yaml"): self._validate_yaml,
+        }
+        if (method, path) in fixed:
+            return fixed[(method, path)](req)
         if method == "PUT" and (m := _LFS_UPLOAD.match(path)):
             return self._lfs_upload(req, m[1])
         if method == "POST" and (m := _LFS_BATCH.match(path)):
@@ -276,6 +281,19 @@ class _Api:
         if method == "DELETE" and action == "tag" and len(args) == 1:
             return self._delete_tag(req, repo_type, repo_id, args[0])
         raise _HubError(404, f"{method} {req.path} is not implemented by the test hub server")
+
+    def _validate_yaml(self, req: _Request) -> _Reply:
+        """The README.md metadata check huggingface_hub runs before committing a README: its front matter must be
+        a YAML mapping (the Hub also checks known keys; a model card of ours uses only those)."""
+        content = req.json().get("content", "")
+        front = content.split("---")[1] if content.startswith("---") and content.count("---") >= 2 else ""
+        try:
+            metadata = yaml.safe_load(front) if front.strip() else {}
+        except yaml.YAMLError as error:
+            return _Reply.json({"errors": [{"message": f"Invalid YAML: {error}"}]}, status=400)
+        if not isinstance(metadata, dict):
+            return _Reply.json({"errors": [{"message": "The metadata must be a YAML mapping"}]}, status=400)
+        return _Reply.json({"warnings": [] if metadata else [{"message": "empty or missing yaml metadata"}]})
 
     def _require_auth(self, req: _Request) -> None:
         """Writes need a token (a wrong one was already refused); anonymous reads are allowed."""

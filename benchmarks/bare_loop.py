@@ -39,8 +39,8 @@ def main() -> None:
     cfg.policy.device = "cpu"
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
-    policy = build_policy(cfg, dataset)
-    preprocessor, _ = build_processors(cfg.policy, dataset, None)
+    policy = build_policy(cfg, dataset, None)
+    preprocessor, _ = build_processors(cfg, dataset, None, None)
     optimizer, _ = build_optimizer(cfg, policy)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
     next(iter(loader))  # warm the decoder up (opening the video files)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from accel_train import checkpoint as ckpt
 from accel_train import pretrained
+from accel_train.checkpointer import load_policy_weights
 from accel_train.config import BasePolicy
 from accel_train.errors import TrainError
 
@@ -54,8 +55,6 @@ def _merge(checkpoint: Path, base_folder: Path):
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class
     from peft import PeftConfig, get_peft_model
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     config = PreTrainedConfig.from_pretrained(checkpoint)
     config.use_peft, config.pretrained_path, config.device = False, None, "cpu"
@@ -63,7 +62,7 @@ def _merge(checkpoint: Path, base_folder: Path):
     adapter_config = PeftConfig.from_pretrained(checkpoint)
     policy.name_or_path = adapter_config.base_model_name_or_path  # what PEFT expects the base to be called
     adapted = get_peft_model(policy, adapter_config)
-    set_peft_model_state_dict(adapted, load_file(checkpoint / ckpt.POLICY_FILE))
+    load_policy_weights(adapted, checkpoint)  # every adapter tensor, checked by name and shape
     merged = adapted.merge_and_unload()
     merged.config.use_peft = False
     return merged

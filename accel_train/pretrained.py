@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-PREPROCESSOR_FILE = "policy_preprocessor.json"
-POSTPROCESSOR_FILE = "policy_postprocessor.json"
 # What a fine-tune needs from a pretrained repo: the config, weights and processors (not READMEs, not other files).
 FILES = [CONFIG_FILE, WEIGHTS_FILE, "policy_*processor*.json", "policy_*processor*.safetensors"]
 
@@ -80,8 +78,12 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def verify(base: BasePolicy, folder: Path) -> None:
-    """The base's weights must be the ones recorded when the run started."""
-    found = sha256(folder / WEIGHTS_FILE)
+    """The base's weights in `folder` must be the ones recorded when the run started."""
+    check_same_weights(base, sha256(folder / WEIGHTS_FILE))
+
+
+def check_same_weights(base: BasePolicy, found: str) -> None:
+    """`found`, the sha256 of a base's model.safetensors, must be the one recorded when the run started."""
     if base.sha256 and found != base.sha256:
         where = f"{base.path}@{base.commit}" if base.commit else base.path
         raise TrainError(

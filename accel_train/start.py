@@ -23,6 +23,7 @@ from accel_train import checkpoint as ckpt
 from accel_train import hub, pretrained
 from accel_train.config import (
     DEFAULT_POLICY_TYPE,
+    BasePolicy,
     TrainConfig,
     flag_value,
     gives_policy_type,
@@ -96,29 +97,30 @@ def _resumed(cfg: TrainConfig, resume: Path, policy_path: str | None, processes:
             "Pass a larger --steps to train further."
         )
     if cfg.peft is not None and cfg.base_policy is not None and not start.finished:
-        # The main process fetches (into this machine's cache) and verifies; then every rank takes the same files.
-        folder = _main_process_answer(lambda: _adapter_base(cfg, policy_path), processes)
-        start.pretrained = folder if processes.is_main_process else _adapter_base(cfg, policy_path)
+        # The main process locates the base (fetching it into this machine's cache) and verifies its weights once;
+        # every rank then takes the files at the location it found.
+        location = _main_process_answer(lambda: _adapter_base(cfg, policy_path), processes)
+        start.pretrained = pretrained.local_folder(location)
     elif policy_path:
         log.warning("Resuming from %s: its config and weights win over --policy.path %s.", resume, policy_path)
     return start
 
 
-def _adapter_base(cfg: TrainConfig, policy_path: str | None) -> Path:
-    """The frozen base of an adapter checkpoint: where the run took it (a Hub repo at its commit, or a folder),
-    or a copy --policy.path points at; its weights must hash as they did when the run started."""
+def _adapter_base(cfg: TrainConfig, policy_path: str | None) -> BasePolicy:
+    """Where the frozen base of an adapter checkpoint is: where the run took it (a Hub repo at its commit, or a
+    folder), or a copy --policy.path points at; its weights must hash as they did when the run started."""
     base = cfg.base_policy
     if policy_path:
-        folder = pretrained.local_folder(pretrained.resolve(policy_path, None))
-    elif base.commit is None and not pretrained.is_local(base.path):
+        copy = pretrained.resolve(policy_path, None)  # hashes its weights
+        pretrained.check_same_weights(base, copy.sha256)
+        return copy
+    if base.commit is None and not pretrained.is_local(base.path):
         raise TrainError(
             f"This adapter checkpoint was trained on the pretrained policy in {base.path}, which is not there any "
             f"more. Point --policy.path at a copy of it (its model.safetensors must have sha256 {base.sha256})."
         )
-    else:
-        folder = pretrained.local_folder(base)
-    pretrained.verify(base, folder)
-    return folder
+    pretrained.verify(base, pretrained.local_folder(base))
+    return base
 
 
 def _main_process_answer(compute: Callable[[], Any], processes: PartialState) -> Any:

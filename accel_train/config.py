@@ -161,7 +161,7 @@ class TrainConfig:
         return json.loads(json.dumps(draccus.encode(self), default=str))
 
 
-def _flag_value(value: Any) -> str:
+def _as_flag_text(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (list, tuple, dict)):
@@ -180,7 +180,7 @@ def kwargs_to_args(kwargs: dict[str, Any]) -> list[str]:
         if isinstance(value, dict):
             args += kwargs_to_args({f"{key}.{k}": v for k, v in value.items()})
         else:
-            args.append(f"--{key}={_flag_value(value)}")
+            args.append(f"--{key}={_as_flag_text(value)}")
     return args
 
 
@@ -198,9 +198,9 @@ def config_to_args(cfg: TrainConfig) -> list[str]:
             encoded = draccus.encode(value)
             if isinstance(value, ChoiceRegistry):
                 args.append(f"--{f.name}.type={value.type}")
-            args += [f"--{f.name}.{k}={_flag_value(v)}" for k, v in encoded.items() if k != "type"]
+            args += [f"--{f.name}.{k}={_as_flag_text(v)}" for k, v in encoded.items() if k != "type"]
         else:
-            args.append(f"--{f.name}={_flag_value(draccus.encode(value))}")
+            args.append(f"--{f.name}={_as_flag_text(draccus.encode(value))}")
     return args
 
 
@@ -284,12 +284,8 @@ def gives_policy_type(args: list[str]) -> str | None:
 
 def _section_types(args: list[str], layers: dict) -> dict[str, str]:
     """The chosen type of each choice section (policy, optimizer, scheduler): flags over layers."""
-    chosen = {name: (layers.get(name) or {}).get("type") for name in ("policy", "optimizer", "scheduler")}
-    for arg in args:
-        for name in chosen:
-            if arg.startswith(f"--{name}.type="):
-                chosen[name] = arg.split("=", 1)[1]
-    return chosen
+    sections = ("policy", "optimizer", "scheduler")
+    return {name: flag_value(args, f"{name}.type") or (layers.get(name) or {}).get("type") for name in sections}
 
 
 def _field_type(path: list[str], chosen: dict[str, str | None]) -> Any:

@@ -23,10 +23,9 @@ log = logging.getLogger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 POSTPROCESSOR_FILE = "postprocessor_config.json"
+CHECKPOINT_PROCESSORS = (PREPROCESSOR_FILE, POSTPROCESSOR_FILE)
 # lerobot's names, in a pretrained policy's folder
-PRETRAINED_PREPROCESSOR = "policy_preprocessor.json"
-PRETRAINED_POSTPROCESSOR = "policy_postprocessor.json"
-PRETRAINED_NAMES = (PRETRAINED_PREPROCESSOR, PRETRAINED_POSTPROCESSOR)
+PRETRAINED_PROCESSORS = ("policy_preprocessor.json", "policy_postprocessor.json")
 
 
 def build_policy(cfg: TrainConfig, dataset: LeRobotDataset, pretrained: Path | None) -> PreTrainedPolicy:
@@ -82,11 +81,11 @@ def build_processors(
     A checkpoint or pretrained policy without processor files falls back to the dataset's stats with a warning.
     """
     device = {"device_processor": {"device": cfg.policy.device}}
-    if source is not None and _has_files(source, PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
-        return _load_processors(cfg.policy, source, (PREPROCESSOR_FILE, POSTPROCESSOR_FILE), (device, {}))
+    if source is not None and _has_files(source, CHECKPOINT_PROCESSORS):
+        return _load_processors(cfg.policy, source, CHECKPOINT_PROCESSORS, (device, {}))
     # Normalisation stats under the names the policy sees (lerobot's rename_stats; lerobot-train 0.6.1 skips it).
     stats = rename_stats(dataset.meta.stats, cfg.rename_map)
-    if pretrained is not None and _has_files(pretrained, PRETRAINED_PREPROCESSOR, PRETRAINED_POSTPROCESSOR):
+    if pretrained is not None and _has_files(pretrained, PRETRAINED_PROCESSORS):
         policy_cfg = cfg.policy
         features, norm_map = (
             {**policy_cfg.input_features, **policy_cfg.output_features},
@@ -100,11 +99,9 @@ def build_processors(
         post = {
             "unnormalizer_processor": {"stats": stats, "features": policy_cfg.output_features, "norm_map": norm_map}
         }
-        return _load_processors(
-            cfg.policy, pretrained, (PRETRAINED_PREPROCESSOR, PRETRAINED_POSTPROCESSOR), (pre, post)
-        )
+        return _load_processors(cfg.policy, pretrained, PRETRAINED_PROCESSORS, (pre, post))
     if source is not None or pretrained is not None:
-        folder, names = (source, (PREPROCESSOR_FILE, POSTPROCESSOR_FILE)) if source else (pretrained, PRETRAINED_NAMES)
+        folder, names = (source, CHECKPOINT_PROCESSORS) if source else (pretrained, PRETRAINED_PROCESSORS)
         missing = " or ".join(name for name in names if not (folder / name).is_file())
         log.warning("%s has no %s: rebuilding the processors from the dataset's statistics.", folder, missing)
     preprocessor, postprocessor = make_pre_post_processors(cfg.policy, dataset_stats=stats)
@@ -114,7 +111,7 @@ def build_processors(
     return preprocessor, postprocessor
 
 
-def _has_files(folder: Path, *names: str) -> bool:
+def _has_files(folder: Path, names: tuple[str, ...]) -> bool:
     return all((folder / name).is_file() for name in names)
 
 

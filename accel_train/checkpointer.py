@@ -50,6 +50,7 @@ from accel_train.checkpoint import (
     write_manifest,
 )
 from accel_train.config import Every, TrainConfig
+from accel_train.data import StepShape
 from accel_train.errors import TrainError
 from accel_train.model import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, PolicyParts
 
@@ -542,7 +543,7 @@ def starting_state(cfg: TrainConfig, num_processes: int, start: Start, epoch_sam
     A checkpoint without trainer_state.json (another tool's, in the spec's four-file format) continues at the
     data position that `start.step` steps of this run's batch would reach.
     """
-    step_samples = cfg.batch_size * num_processes * cfg.gradient_accumulation_steps
+    step_samples = StepShape(cfg.batch_size, cfg.gradient_accumulation_steps, num_processes).samples
     state = TrainerState(
         step=0,
         seed=cfg.seed,

@@ -9,6 +9,8 @@ state to rank 0 and writes them under Accelerate's file names; the trainer's own
 """
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -58,8 +60,9 @@ def main() -> None:
     model = Policy()
     names = checkpointer.parameter_names(model, torch.optim.AdamW(param_groups(model)))
     if args.shard:
-        fully_shard(model.head, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-        fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        fully_shard(model.head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(param_groups(model), lr=1e-2, weight_decay=0.1)
     if args.load and args.shard:  # after sharding, as the trainer restores after accelerator.prepare
         checkpointer.load_sharded_policy_weights(model, args.load)
@@ -87,7 +90,13 @@ def main() -> None:
     else:
         save_model(model, str(args.out / ckpt.POLICY_FILE))
         torch.save(optimizer.state_dict(), args.out / ckpt.OPTIMIZER_FILE)
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: after FSDP2 on gloo, torch's C++ static destructors abort about one exit
+    # in ten ("terminate called without an active exception") although every rank finished its work.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

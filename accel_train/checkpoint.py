@@ -76,6 +76,9 @@ class TrainerState:
     # Counters that a policy keeps as plain attributes, outside its state dict, yet that steer its training:
     # {"<module path>.<attribute>": value} (accel_train.checkpointer.MODULE_COUNTERS).
     counters: dict[str, int] = field(default_factory=dict)
+    # The datasets trained on, as accel_train.data.TrainingData.describe() gives them: repo id, root, revision,
+    # episodes, weight, rename_map and samples per epoch of each (empty in checkpoints written before).
+    datasets: list[dict[str, Any]] = field(default_factory=list)
 
     def advance(self, step_samples: int, epoch_samples: int) -> None:
         """One optimizer step done: `step_samples` more samples seen, the data position moved on."""

@@ -50,7 +50,7 @@ from accel_train.checkpoint import (
     write_manifest,
 )
 from accel_train.config import Every, TrainConfig
-from accel_train.data import StepShape
+from accel_train.data import StepShape, TrainingData
 from accel_train.errors import TrainError
 from accel_train.model import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, PolicyParts
 
@@ -338,7 +338,7 @@ class Checkpointer:
 
     # Restoring
 
-    def restore(self, start: Start, epoch_samples: int) -> TrainerState:
+    def restore(self, start: Start, data: TrainingData) -> TrainerState:
         """Load what `start` continues from into the prepared parts; return the state the run continues at.
 
         --init_from loads the policy's weights only (its processors were built from the checkpoint); a resume
@@ -352,7 +352,7 @@ class Checkpointer:
             self._restore_training_state(start.resume)
             restore_module_counters(policy, start.saved.counters if start.saved else {})
             self.resumed_from = start.resume
-        return starting_state(self.cfg, self.accelerator.num_processes, start, epoch_samples)
+        return starting_state(self.cfg, self.accelerator.num_processes, start, data)
 
     def _restore_training_state(self, checkpoint: Path) -> None:
         optimizer = self.parts.optimizer.optimizer  # the torch optimizer inside Accelerate's wrapper
@@ -537,8 +537,8 @@ class Checkpointer:
                 shutil.rmtree(path)
 
 
-def starting_state(cfg: TrainConfig, num_processes: int, start: Start, epoch_samples: int) -> TrainerState:
-    """The trainer state a run continues at; with another world size or batch, at the same sample.
+def starting_state(cfg: TrainConfig, num_processes: int, start: Start, data: TrainingData) -> TrainerState:
+    """The trainer state a run continues at; with another world size, batch or dataset mix, at the same sample.
 
     A checkpoint without trainer_state.json (another tool's, in the spec's four-file format) continues at the
     data position that `start.step` steps of this run's batch would reach.
@@ -551,11 +551,12 @@ def starting_state(cfg: TrainConfig, num_processes: int, start: Start, epoch_sam
         batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         policy_type=cfg.policy.type,
+        datasets=data.describe(),
     )
     saved = start.saved if start.resume is not None else None
     if saved is None:
         for _ in range(start.step):
-            state.advance(step_samples, epoch_samples)
+            state.advance(step_samples, data.epoch_samples)
         return state
     state.step, state.data, state.samples_seen = start.step, saved.data, saved.samples_seen
     changed = {
@@ -563,6 +564,8 @@ def starting_state(cfg: TrainConfig, num_processes: int, start: Start, epoch_sam
         for name in ("num_processes", "batch_size", "gradient_accumulation_steps", "seed")
         if getattr(saved, name) != getattr(state, name)
     }
+    if saved.datasets and _mix_identity(saved.datasets) != _mix_identity(state.datasets):
+        changed["dataset mix"] = (_mix_text(saved.datasets), _mix_text(state.datasets))
     if changed:
         log.warning(
             "Resuming with a different %s: the run continues from step %d and sample %d of epoch %d, but "
@@ -573,3 +576,16 @@ def starting_state(cfg: TrainConfig, num_processes: int, start: Start, epoch_sam
             state.data.epoch,
         )
     return state
+
+
+def _mix_identity(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What makes the data order: everything recorded but where each dataset lies on this machine."""
+    return [{k: v for k, v in d.items() if k != "root"} for d in datasets]
+
+
+def _mix_text(datasets: list[dict[str, Any]]) -> str:
+    return " + ".join(
+        f"{d['repo_id']}" + (f" episodes {d['episodes']}" if d.get("episodes") else "")
+        + (f" weight {d['weight']:g}" if d.get("weight") else "") + f" [{d['epoch_samples']}/epoch]"
+        for d in datasets
+    )  # fmt: skip

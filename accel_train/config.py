@@ -30,10 +30,10 @@ from lerobot.configs.default import PeftConfig
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.optim.optimizers import OptimizerConfig
 from lerobot.optim.schedulers import LRSchedulerConfig
-from lerobot.transforms import ImageTransformsConfig
 
 from accel_train import frame_cache
 from accel_train.errors import UsageError
+from accel_train.sources import DatasetConfig, upgrade_flags, upgrade_layer
 
 DEFAULT_POLICY_TYPE = "act"
 POSITIVE = ("steps", "batch_size", "gradient_accumulation_steps", "save_freq", "log_freq", "val_max_samples")
@@ -65,13 +65,10 @@ class BasePolicy:
 class TrainConfig:
     # Where checkpoints, metrics and the final model go.
     output_dir: Path | None = None
-    # LeRobot dataset repo id, and a local copy of it (needed offline).
-    dataset_id: str = "ISdept/piper_arm"
-    dataset_root: Path | None = None
-    # Create the embedded demo dataset at dataset_root when nothing is there (configs/demo.yaml).
+    # The datasets (lerobot-train's --dataset.*; --dataset_id/--dataset_root still work): accel_train/sources.py.
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # Create the embedded demo dataset at --dataset.root when nothing is there (configs/demo.yaml).
     demo_dataset: bool = False
-    # torchcodec or pyav; empty: torchcodec when its FFmpeg libraries load, else pyav.
-    video_backend: Literal["torchcodec", "pyav"] | None = None
     # Decoded-frame cache (accel_train/frame_cache.py): off, ram (/dev/shm) or disk (~/.cache/accel_train/frames);
     # its folder, and a cap on its size in GB (default: what its filesystem has free, less a reserve). A string, not
     # a Literal: YAML and draccus read `off` as the boolean false.
@@ -124,7 +121,6 @@ class TrainConfig:
     # None: the policy's own lerobot preset (as lerobot-train does).
     optimizer: OptimizerConfig | None = None
     scheduler: LRSchedulerConfig | None = None
-    image_transforms: ImageTransformsConfig = field(default_factory=ImageTransformsConfig)
     # Parameter-efficient fine-tuning with lerobot's PEFT wrapper (--peft.method_type=LORA --peft.r=16
     # [--peft.target_modules ...]): only the adapters (and --peft.full_training_modules) train and are saved.
     peft: PeftConfig | None = None
@@ -136,6 +132,7 @@ class TrainConfig:
         problems += frame_cache.check_options(self.frame_cache, self.frame_cache_gb)
         if problems:
             raise UsageError("; ".join(problems) + ".")
+        self.dataset.sources()  # lists that do not line up are an error before anything loads
 
     def _rules(self) -> list[tuple[bool, str]]:
         """(broken, what to say) for every rule the options must keep."""
@@ -150,8 +147,8 @@ class TrainConfig:
             *optional_positive,
             (self.val_episodes < 0, "--val_episodes must be 0 or more"),
             (self.num_workers < 0, "--num_workers must be 0 or more"),
-            (self.demo_dataset and self.dataset_root is None, "--demo_dataset needs --dataset_root, the folder "
-             "to create the demo dataset in"),
+            (self.demo_dataset and not isinstance(self.dataset.root, Path), "--demo_dataset needs one "
+             "--dataset.root, the folder to create the demo dataset in"),
             (self.push_to_hub and not self.hub_repo_id, "--push_to_hub needs --hub_repo_id USER/REPO"),
             (bool(self.resume_from_checkpoint and self.init_from),
              "--resume_from_checkpoint and --init_from exclude each other"),
@@ -185,22 +182,26 @@ def kwargs_to_args(kwargs: dict[str, Any]) -> list[str]:
 
 
 def config_to_args(cfg: TrainConfig) -> list[str]:
-    """The flags that give `cfg`: its fields that differ from the defaults, and all of a section it sets
-    (policy, optimizer, ...: `--policy.type=...` then every field). Dict-valued fields stay whole (JSON), since
-    their keys, such as feature names, hold dots."""
-    defaults = TrainConfig()
+    """The flags that give `cfg`: its fields that differ from the defaults; all of a choice section it sets
+    (policy, optimizer, ...: `--policy.type=...` then every field), and of a plain section (dataset) the fields
+    that differ. Dict-valued fields stay whole (JSON), since their keys, such as feature names, hold dots."""
+    return _differing_flags(cfg, TrainConfig(), "")
+
+
+def _differing_flags(value: Any, default: Any, prefix: str) -> list[str]:
     args = []
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if value == getattr(defaults, f.name):
+    for f in fields(value):
+        mine, theirs, name = getattr(value, f.name), getattr(default, f.name), f"{prefix}{f.name}"
+        if mine == theirs:
             continue
-        if dataclasses.is_dataclass(value):
-            encoded = draccus.encode(value)
-            if isinstance(value, ChoiceRegistry):
-                args.append(f"--{f.name}.type={value.type}")
-            args += [f"--{f.name}.{k}={_as_flag_text(v)}" for k, v in encoded.items() if k != "type"]
+        if isinstance(mine, ChoiceRegistry):
+            encoded = draccus.encode(mine)
+            args.append(f"--{name}.type={mine.type}")
+            args += [f"--{name}.{k}={_as_flag_text(v)}" for k, v in encoded.items() if k != "type"]
+        elif dataclasses.is_dataclass(mine) and type(mine) is type(theirs):
+            args += _differing_flags(mine, theirs, f"{name}.")
         else:
-            args.append(f"--{f.name}={_as_flag_text(draccus.encode(value))}")
+            args.append(f"--{name}={_as_flag_text(draccus.encode(mine))}")
     return args
 
 
@@ -344,9 +345,10 @@ class _LayeredParser(ArgumentParser):
 def parse(args: list[str], base: dict | None = None) -> TrainConfig:
     """Parse flags over an optional config file (from args) and an optional base dict (a checkpoint's config)."""
     config_file, args = split_config_flag(args)
-    layers = dict(base or {})
+    args = upgrade_flags(args)
+    layers = upgrade_layer(base or {}, "the checkpoint's train_config.json")
     if config_file is not None:
-        from_file = yaml.safe_load(config_file.read_text()) or {}
+        from_file = upgrade_layer(yaml.safe_load(config_file.read_text()) or {}, str(config_file))
         continued, asked = ((layer.get("policy") or {}).get("type") for layer in (layers, from_file))
         if continued and asked and continued != asked and not gives_policy_type(args):
             raise UsageError(

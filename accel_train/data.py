@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,10 @@ from lerobot.transforms import ImageTransforms, ImageTransformsConfig
 from accel_train import frame_cache
 from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
+from accel_train.mix import DatasetMix, EpisodeOrder, MixedOrder, epoch_counts, source_seed
+from accel_train.sources import DatasetSource
+
+EpochOrder = EpisodeOrder | MixedOrder
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +52,85 @@ def choose_video_backend(requested: str | None = None) -> str:
     return "torchcodec"
 
 
+def load_datasets(sources: list[DatasetSource], cfg: TrainConfig, image_transforms: ImageTransformsConfig) -> list[Any]:
+    """Every dataset of the run, opened with the policy's frame offsets; one error naming each that cannot be had."""
+    datasets, unreachable = [], []
+    for source in sources:
+        try:
+            datasets.append(load_dataset(source, cfg.policy, image_transforms, cfg.dataset.video_backend))
+        except DatasetUnreachable as error:
+            unreachable.append(str(error))
+    if unreachable:
+        raise TrainError(
+            " ".join(unreachable) + " Without network access, pass --dataset.root DIR (or --dataset_root; one per "
+            "dataset) pointing at a local copy of a LeRobot dataset, or train on the embedded demo: "
+            "`python -m accel_train.demo_dataset --root data/piper_demo` and "
+            "`--dataset.repo_id local/piper_demo --dataset.root data/piper_demo` "
+            "(or use --config configs/demo.yaml)."
+        )
+    return datasets
+
+
+class DatasetUnreachable(Exception):
+    """A dataset that could not be opened, locally or from the Hub."""
+
+
 def load_dataset(
-    repo_id: str,
-    root: Path | None,
+    source: DatasetSource,
     policy_cfg: PreTrainedConfig,
     image_transforms: ImageTransformsConfig,
     video_backend: str | None,
 ) -> LeRobotDataset:
-    """Open the LeRobot dataset with the policy's frame offsets; a clear error when it cannot be had."""
+    """Open one LeRobot dataset (its chosen episodes, at its revision) with the policy's frame offsets."""
+    from huggingface_hub.errors import RevisionNotFoundError
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
+    unreachable = f"Could not load the dataset '{source.repo_id}' " + (
+        f"in {source.root}" if source.root else "locally or on the Hugging Face Hub"
+    )
     try:
-        meta = LeRobotDatasetMetadata(repo_id, root=root)
+        meta = LeRobotDatasetMetadata(source.repo_id, root=source.root, revision=source.revision)
+    except RevisionNotFoundError:
+        raise TrainError(
+            f"The dataset '{source.repo_id}' has no revision '{source.revision}' (--dataset.revision): give a branch, "
+            "tag or commit of its Hub repo."
+        ) from None
+    except Exception as error:
+        raise DatasetUnreachable(f"{unreachable} ({_first_line(error)}).") from None
+    episodes = chosen_episodes(source, meta.total_episodes)
+    try:
         return LeRobotDataset(
-            repo_id,
-            root=root,
+            source.repo_id,
+            root=source.root,
+            episodes=episodes,
+            revision=source.revision,
             delta_timestamps=resolve_delta_timestamps(policy_cfg, meta),
             image_transforms=ImageTransforms(image_transforms) if image_transforms.enable else None,
             video_backend=choose_video_backend(video_backend),
             return_uint8=True,
         )
     except Exception as error:
-        where = f"in {root}" if root else "locally or on the Hugging Face Hub"
-        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DatasetUnreachable(f"{unreachable} ({_first_line(error)}).") from None
+
+
+def _first_line(error: Exception) -> str:
+    cause = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+
+
+def chosen_episodes(source: DatasetSource, total: int) -> list[int] | None:
+    """--dataset.episodes, sorted and checked against the dataset's episode count."""
+    if source.episodes is None:
+        return None
+    if not source.episodes:
+        raise TrainError(f"--dataset.episodes for '{source.repo_id}' is an empty list: name episodes to train on.")
+    outside = sorted({e for e in source.episodes if not 0 <= e < total})
+    if outside:
         raise TrainError(
-            f"Could not load the dataset '{repo_id}' {where} ({type(error).__name__}: {cause}). "
-            "Without network access, pass --dataset_root DIR pointing at a local copy of a LeRobot dataset, "
-            "or train on the embedded demo: `python -m accel_train.demo_dataset --root data/piper_demo` and "
-            "`--dataset_id local/piper_demo --dataset_root data/piper_demo` (or use --config configs/demo.yaml)."
-        ) from None
+            f"--dataset.episodes names episode(s) {', '.join(map(str, outside))}, but the dataset '{source.repo_id}' "
+            f"has {total} episodes (0 to {total - 1})."
+        )
+    return sorted(set(source.episodes))
 
 
 @dataclass
@@ -119,31 +172,26 @@ class ResumableBatchSampler:
     Each optimizer step takes `shape.samples` consecutive positions of the epoch's permutation: micro-batch m of
     rank r gets the slice (m * world_size + r) * batch_size. So batch B with accumulation 2 sees the same samples
     as batch 2B, ranks never overlap, and a run resumed with another number of processes continues at the same
-    position without feeding seen samples again. The permutation of each epoch is lerobot's EpisodeAwareSampler
-    (a function of seed and epoch).
+    position without feeding seen samples again. The order of each epoch is a function of seed and epoch
+    (accel_train.mix: one dataset's EpisodeOrder or a MixedOrder).
     """
 
-    def __init__(self, permutation: EpisodeAwareSampler, shape: StepShape, rank: int, seed: int, start: DataPosition):
-        self.permutation, self.shape = permutation, shape
+    def __init__(self, order: EpochOrder, shape: StepShape, rank: int, seed: int, start: DataPosition):
+        self.order, self.shape = order, shape
         self.rank, self.seed, self.start = rank, seed, start
         self.step_samples = shape.samples
-        if self.step_samples > len(permutation):
+        if self.step_samples > len(order):
             raise TrainError(
                 f"One optimizer step needs {self.step_samples} samples (batch {shape.batch_size} x "
                 f"{shape.world_size} processes x {shape.accumulation} accumulation) but the dataset has only "
-                f"{len(permutation)} usable frames."
+                f"{len(order)} usable frames."
             )
-
-    def epoch_frames(self, epoch: int) -> list[int]:
-        """The frame indices of `epoch`, in their shuffled order."""
-        self.permutation.load_state_dict({"epoch": epoch, "start_index": 0})
-        return list(iter(self.permutation))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start
         batch, world = self.shape.batch_size, self.shape.world_size
         while True:
-            frames = self.epoch_frames(position.epoch)
+            frames = self.order.frames(position.epoch)
             epoch = position.epoch
             while position.epoch == epoch:
                 for micro in range(self.shape.accumulation):
@@ -191,21 +239,36 @@ def make_dataloader(
     )
 
 
-def split_episodes(num_episodes: int, val_episodes: float, seed: int) -> tuple[list[int], list[int]]:
-    """(training, held-out) episode indices. `val_episodes` below 1 is a fraction, from 1 a count; the held-out
-    ones are drawn with the run's seed, so they are the same in every run and resume of that seed."""
+def split_episodes(episodes: list[int], val_episodes: float, seed: int, repo_id: str) -> tuple[list[int], list[int]]:
+    """(training, held-out) episodes of `episodes`. `val_episodes` below 1 is a fraction, from 1 a count; the
+    held-out ones are drawn with the run's seed, so they are the same in every run and resume of that seed."""
     if val_episodes <= 0:
-        return list(range(num_episodes)), []
-    count = max(1, round(val_episodes * num_episodes)) if val_episodes < 1 else int(val_episodes)
+        return list(episodes), []
+    count = max(1, round(val_episodes * len(episodes))) if val_episodes < 1 else int(val_episodes)
     if val_episodes >= 1 and val_episodes != count:
         raise TrainError(f"--val_episodes {val_episodes:g}: give a fraction below 1 or a whole number of episodes.")
-    if count >= num_episodes:
+    if count >= len(episodes):
         raise TrainError(
-            f"--val_episodes {val_episodes:g} holds out {count} of the dataset's {num_episodes} episodes, "
+            f"--val_episodes {val_episodes:g} holds out {count} of the {len(episodes)} episodes of '{repo_id}', "
             "leaving none to train on."
         )
-    held_out = sorted(np.random.default_rng(seed).choice(num_episodes, size=count, replace=False).tolist())
-    return [e for e in range(num_episodes) if e not in held_out], held_out
+    chosen = np.random.default_rng(seed).choice(len(episodes), size=count, replace=False).tolist()
+    held_out = sorted(episodes[i] for i in chosen)
+    return [e for e in episodes if e not in held_out], held_out
+
+
+def held_out_frames(data: TrainingData, policy_cfg: PreTrainedConfig, max_samples: int) -> list[int]:
+    """The frames of the held-out episodes the policy can use (indices of the run's dataset), at most
+    `max_samples`, evenly spread."""
+    drop = getattr(policy_cfg, "drop_n_last_frames", 0)
+    frames = []
+    for dataset, offset, episodes in zip(data.datasets, data.offsets, data.held_out, strict=True):
+        starts, ends = dataset.meta.episodes["dataset_from_index"], dataset.meta.episodes["dataset_to_index"]
+        relative = dataset.absolute_to_relative_idx or {}
+        frames += [offset + relative.get(i, i) for e in episodes for i in range(starts[e], ends[e] - drop)]
+    if len(frames) > max_samples:
+        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_samples).round().astype(int)]
+    return frames
 
 
 class TimedBatches:
@@ -245,33 +308,70 @@ def episode_permutation(
 
 @dataclass
 class TrainingData:
-    """The dataset, its episodes split into trained and held out, and the permutation of the trained frames."""
+    """The run's datasets as one (a LeRobotDataset, or a DatasetMix of several), each dataset's episodes split
+    into trained and held out, and the order of the trained frames."""
 
-    dataset: LeRobotDataset
-    permutation: EpisodeAwareSampler
-    held_out: list[int]
-    frame_cache: str = "off"  # what the decoded-frame cache does for this dataset, for the start-up summary
+    dataset: LeRobotDataset | DatasetMix
+    datasets: list[LeRobotDataset]
+    sources: list[DatasetSource]
+    order: EpochOrder
+    held_out: list[list[int]]  # per dataset
+    frame_cache: str = "off"  # what the decoded-frame cache does for these datasets, for the start-up summary
 
     @classmethod
     def load(cls, cfg: TrainConfig) -> TrainingData:
-        """Every rank: the dataset, its frames read from the decoded-frame cache when --frame_cache is on (the
-        first process on a machine fills it, the others wait), its episode split and frame permutation."""
-        dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
-        cache = frame_cache.attach(dataset, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb)
-        trained, held_out = split_episodes(dataset.meta.total_episodes, cfg.val_episodes, cfg.seed)
-        permutation = episode_permutation(dataset, cfg.policy, cfg.seed, trained)
-        return cls(dataset, permutation, held_out, cache.describe())
+        """Every rank: the datasets, their frames read from the decoded-frame cache when --frame_cache is on (the
+        first process on a machine fills it, the others wait), their episode splits and the frame order."""
+        sources = cfg.dataset.sources()
+        datasets = load_datasets(sources, cfg, cfg.dataset.image_transforms)
+        caches = [frame_cache.attach(d, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb) for d in datasets]
+        splits = [
+            split_episodes(all_episodes(d), cfg.val_episodes, cfg.seed, s.repo_id)
+            for d, s in zip(datasets, sources, strict=True)
+        ]
+        trained, held_out = [t for t, _ in splits], [h for _, h in splits]
+        if len(sources) == 1 and not sources[0].rename_map:
+            dataset = datasets[0]
+            order = EpisodeOrder(episode_permutation(dataset, cfg.policy, cfg.seed, trained[0]))
+        else:
+            dataset = DatasetMix(datasets, sources)
+            orders = [
+                EpisodeOrder(episode_permutation(d, cfg.policy, source_seed(cfg.seed, i), t))
+                for i, (d, t) in enumerate(zip(datasets, trained, strict=True))
+            ]
+            counts = epoch_counts([len(o) for o in orders], [s.weight for s in sources])
+            order = MixedOrder(orders, dataset.offsets[:-1], counts, cfg.seed)
+        cache = "; ".join(dict.fromkeys(c.describe() for c in caches))
+        return cls(dataset, datasets, sources, order, held_out, cache)
+
+    @property
+    def offsets(self) -> list[int]:
+        return self.dataset.offsets[:-1] if isinstance(self.dataset, DatasetMix) else [0]
 
     @property
     def epoch_samples(self) -> int:
-        return len(self.permutation)
+        return len(self.order)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The mix as the checkpoint records it: each dataset, its episodes and its samples per epoch."""
+        counts = self.order.counts if isinstance(self.order, MixedOrder) else [len(self.order)]
+        return [
+            {"repo_id": s.repo_id, "root": str(s.root) if s.root else None, "revision": s.revision,
+             "episodes": s.episodes, "weight": s.weight, "rename_map": s.rename_map, "epoch_samples": n}
+            for s, n in zip(self.sources, counts, strict=True)
+        ]  # fmt: skip
 
     def batches(self, cfg: TrainConfig, accelerator: Accelerator, start: DataPosition) -> TimedBatches:
         """This rank's micro-batches from `start` on, through one loader that lives for the whole run."""
         shape = StepShape(cfg.batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes)
-        sampler = ResumableBatchSampler(self.permutation, shape, accelerator.process_index, cfg.seed, start)
+        sampler = ResumableBatchSampler(self.order, shape, accelerator.process_index, cfg.seed, start)
         pin_memory = accelerator.device.type == "cuda"
         return TimedBatches(make_dataloader(self.dataset, sampler, cfg.num_workers, pin_memory), shape.samples)
+
+
+def all_episodes(dataset: LeRobotDataset) -> list[int]:
+    """The episodes a dataset was opened with (all of them unless --dataset.episodes chose some)."""
+    return list(dataset.episodes) if dataset.episodes is not None else list(range(dataset.meta.total_episodes))
 
 
 def images_to_float(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

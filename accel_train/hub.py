@@ -31,6 +31,7 @@ from huggingface_hub.errors import (
 
 from accel_train.checkpoint import MANIFEST_FILE, NAME, TMP_PREFIX, sha256, step_from_name
 from accel_train.errors import TrainError
+from accel_train.sources import dataset_ids
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def write_model_card(train_config: dict[str, Any], dest: Path) -> Path:
         library_name="lerobot",
         pipeline_tag="robotics",
         tags=tags,
-        datasets=[train_config["dataset_id"]],
+        datasets=dataset_ids(train_config),
         base_model=base.get("path") if base.get("commit") else None,  # a Hub repo id, not a local folder
     )
     if adapter:
@@ -370,7 +371,7 @@ def write_model_card(train_config: dict[str, Any], dest: Path) -> Path:
         template_str="---\n{{ card_data }}\n---\n" + MODEL_CARD,
         title=f"{policy_type} policy",
         policy_type=policy_type,
-        datasets=train_config["dataset_id"],
+        datasets=", ".join(dataset_ids(train_config)),
         steps=train_config["steps"],
         how_to_load=how_to_load,
     )

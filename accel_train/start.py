@@ -33,6 +33,7 @@ from accel_train.config import (
 )
 from accel_train.errors import TrainError
 from accel_train.metrics import METRICS_FILE, TRACKER_PATHS
+from accel_train.sources import upgrade_layer
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,23 @@ def _reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, ke
         base.pop(key, None)
     new = parse(args, base=base)
     if saved and keep_training_state:
-        for key, value in new.to_dict().items():
-            if key not in ("resume_from_checkpoint", "output_dir", "policy") and saved.get(key) != value:
-                log.warning("Resuming with %s changed: %s -> %s", key, saved.get(key), value)
+        before = upgrade_layer(saved, f"{source}/{ckpt.TRAIN_CONFIG_FILE}")
+        after = {k: v for k, v in new.to_dict().items() if k not in ("resume_from_checkpoint", "output_dir", "policy")}
+        for key, old, value in _changes(before, after):
+            log.warning("Resuming with %s changed: %s -> %s", key, old, value)
     return new
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted option, old, new) for each option of `after` whose value differs in `before`, down into sections."""
+    changes = []
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and old.keys() == value.keys():
+            changes += _changes(old, value, f"{prefix}{key}.")
+        elif old != value:
+            changes.append((f"{prefix}{key}", old, value))
+    return changes
 
 
 def _guard_existing_checkpoints(cfg: TrainConfig, processes: PartialState) -> None:

@@ -76,7 +76,7 @@ def run(args: list[str]) -> TrainerState:
     pusher = make_pusher(cfg, accelerator)
     checkpointer = Checkpointer(accelerator, parts, cfg, pusher)
     parts.prepare(accelerator)
-    state = checkpointer.restore(begin, data.epoch_samples)
+    state = checkpointer.restore(begin, data)
     step = Components(accelerator, parts, data.batches(cfg, accelerator, state.data), cfg)
     summarize(step, data, begin, state)
 
@@ -211,7 +211,7 @@ def make_accelerator(cfg: TrainConfig, processes: PartialState) -> Accelerator:
 def load_data(cfg: TrainConfig, accelerator: Accelerator) -> TrainingData:
     """The dataset (the demo is created first when asked for and missing), split, and its frame permutation."""
     if cfg.demo_dataset and accelerator.is_main_process:
-        demo_dataset.ensure(cfg.dataset_root)
+        demo_dataset.ensure(cfg.dataset.root)
     accelerator.wait_for_everyone()
     return TrainingData.load(cfg)
 
@@ -255,9 +255,9 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
         cfg.policy.type,
         count(params),
         count(trainable),
-        cfg.dataset_id,
-        data.dataset.num_frames,
-        data.dataset.num_episodes,
+        data.dataset.repo_id,
+        len(data.dataset),
+        sum(d.num_episodes for d in data.datasets),
         data.epoch_samples,
         step.batches.step_samples,
         cfg.batch_size,

@@ -13,15 +13,14 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from lerobot.configs.policies import PreTrainedConfig
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from accel_train import frame_cache
 from accel_train.config import Every, TrainConfig
-from accel_train.data import TrainingData, images_to_float, load_dataset
+from accel_train.data import TrainingData, held_out_frames, images_to_float, load_datasets
+from accel_train.mix import DatasetMix
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +30,19 @@ ACTION = "action"
 def make_validator(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Validator | None:
     """Validation on the held-out episodes (none: no validator), from the training dataset, or when that augments
     images, from a second view of it without augmentation."""
-    if not data.held_out:
+    if not any(data.held_out):
         return None
     dataset = data.dataset
-    if cfg.image_transforms.enable:
-        no_augmentation = dataclasses.replace(cfg.image_transforms, enable=False)
-        dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, no_augmentation, cfg.video_backend)
-        frame_cache.attach(dataset, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb)  # filled: a lookup
-    frames = held_out_frames(dataset, cfg.policy, data.held_out, cfg.val_max_samples)
-    log.info("Validation on %d frames of held-out episodes %s", len(frames), data.held_out)
+    if cfg.dataset.image_transforms.enable:
+        no_augmentation = dataclasses.replace(cfg.dataset.image_transforms, enable=False)
+        datasets = load_datasets(data.sources, cfg, no_augmentation)
+        for each in datasets:
+            frame_cache.attach(each, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb)  # filled: a lookup
+        dataset = DatasetMix(datasets, data.sources) if isinstance(data.dataset, DatasetMix) else datasets[0]
+    frames = held_out_frames(data, cfg.policy, cfg.val_max_samples)
+    held_out = {s.repo_id: h for s, h in zip(data.sources, data.held_out, strict=True)}
+    log.info("Validation on %d frames of held-out episodes %s", len(frames), held_out)
     return Validator(dataset, frames, cfg, accelerator, Every(cfg.eval_freq or cfg.save_freq, cfg.steps))
-
-
-def held_out_frames(
-    dataset: LeRobotDataset, policy_cfg: PreTrainedConfig, episodes: list[int], max_samples: int
-) -> list[int]:
-    """The frames of the held-out episodes the policy can use, at most `max_samples`, evenly spread."""
-    starts, ends = dataset.meta.episodes["dataset_from_index"], dataset.meta.episodes["dataset_to_index"]
-    drop = getattr(policy_cfg, "drop_n_last_frames", 0)
-    frames = [i for e in episodes for i in range(starts[e], ends[e] - drop)]
-    if len(frames) > max_samples:
-        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_samples).round().astype(int)]
-    return frames
 
 
 class Validator:

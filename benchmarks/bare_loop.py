@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from accel_train import config  # noqa: E402
-from accel_train.data import images_to_float, load_dataset  # noqa: E402
+from accel_train.data import images_to_float, load_datasets  # noqa: E402
 from accel_train.model import build_optimizer, build_policy, build_processors  # noqa: E402
 
 WARMUP, PRELOADED = 5, 8
@@ -38,7 +38,7 @@ def main() -> None:
                         "--dataset_root", str(args.dataset_root), "--demo_dataset=false"])  # fmt: skip
     cfg.policy.device = "cpu"
     torch.manual_seed(cfg.seed)
-    dataset = load_dataset(cfg.dataset_id, cfg.dataset_root, cfg.policy, cfg.image_transforms, cfg.video_backend)
+    (dataset,) = load_datasets(cfg.dataset.sources(), cfg, cfg.dataset.image_transforms)
     policy = build_policy(cfg, dataset, None)
     preprocessor, _ = build_processors(cfg, dataset, None, None)
     optimizer, _ = build_optimizer(cfg, policy)

@@ -16,7 +16,7 @@ DEMO = ["--config", str(REPO / "configs" / "demo.yaml"), "--output_dir", "/tmp/u
 def test_a_boolean_flag_alone_means_true_and_other_flags_still_need_a_value() -> None:
     cfg = parse([*DEMO, "--push_to_hub", "--hub_repo_id", "me/x", "--overwrite", "--image_transforms.enable",
                  "--policy.use_vae", "--async_checkpoint=false"])  # fmt: skip
-    assert cfg.push_to_hub and cfg.overwrite and cfg.image_transforms.enable and cfg.policy.use_vae
+    assert cfg.push_to_hub and cfg.overwrite and cfg.dataset.image_transforms.enable and cfg.policy.use_vae
     assert cfg.async_checkpoint is False
     assert parse([*DEMO, "--policy.use_vae", "false"]).policy.use_vae is False  # a value after it still counts
     with pytest.raises(UsageError, match="--steps: expected one argument"):

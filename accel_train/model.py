@@ -26,6 +26,8 @@ POSTPROCESSOR_FILE = "postprocessor_config.json"
 CHECKPOINT_PROCESSORS = (PREPROCESSOR_FILE, POSTPROCESSOR_FILE)
 # lerobot's names, in a pretrained policy's folder
 PRETRAINED_PROCESSORS = ("policy_preprocessor.json", "policy_postprocessor.json")
+# Policy type -> the extra of pyproject.toml that installs its dependencies (others: `all`).
+POLICY_EXTRAS = {"diffusion": "diffusion", "smolvla": "smolvla", "pi0": "pi", "pi05": "pi", "pi0_fast": "pi"}
 
 
 def build_policy(cfg: TrainConfig, dataset: LeRobotDataset, pretrained: Path | None) -> PreTrainedPolicy:
@@ -36,7 +38,14 @@ def build_policy(cfg: TrainConfig, dataset: LeRobotDataset, pretrained: Path | N
     cfg.policy.pretrained_path, cfg.policy.use_peft = pretrained, False
     try:
         return make_policy(cfg.policy, ds_meta=dataset.meta, rename_map=cfg.rename_map)
-    except (ValueError, KeyError, NotImplementedError, ImportError, RuntimeError) as error:
+    except ImportError as error:
+        extra = POLICY_EXTRAS.get(cfg.policy.type, "all")
+        raise TrainError(
+            f"The '{cfg.policy.type}' policy needs packages this environment lacks ({error}). Install accel-train's "
+            f"extra for it: pip install -e '.[{extra}]' (lerobot's extra of the same name, at the versions lerobot "
+            "was released with)."
+        ) from None
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as error:
         raise TrainError(f"Could not build a '{cfg.policy.type}' policy: {error}") from None
     finally:
         cfg.policy.pretrained_path = None  # the run's config names the weights by base_policy, not by this folder

@@ -67,12 +67,21 @@ class DatasetConfig:
     weights: list[float] | None = None
     # Several datasets in a config file, one entry each: {repo_id, root, episodes, revision, weight, rename_map}.
     mix: list[DatasetSource] | None = None
+    # lerobot-train's streaming from the Hub: not supported yet (an error that says so, not an unknown option).
+    streaming: bool = False
     # torchcodec or pyav; empty: torchcodec when its FFmpeg libraries load, else pyav.
     video_backend: Literal["torchcodec", "pyav"] | None = None
     image_transforms: ImageTransformsConfig = field(default_factory=ImageTransformsConfig)
 
     def sources(self) -> list[DatasetSource]:
         """The datasets to train on, one entry each; a UsageError when the lists do not line up."""
+        if self.streaming:
+            raise UsageError(
+                "--dataset.streaming=true is not supported yet: accel-train trains from a local or downloaded copy "
+                "(give --dataset.root, or let lerobot download the dataset, only --dataset.episodes of it if you "
+                "like). lerobot's StreamingLeRobotDataset decodes video only with torchcodec, and restarts its "
+                "stream on resume."
+            )
         if self.mix:
             flat = [name for name in ("root", "episodes", "revision", "weights") if getattr(self, name) is not None]
             if flat or self.repo_id != DEFAULT_REPO_ID:

@@ -1,8 +1,9 @@
 """accel-train's speed against lerobot-train and against a bare loop, measured side by side in one run.
 
 Every figure is a ratio of runs made alternately in this one command on this machine (machines here are noisy):
-  throughput     ours vs `lerobot-train` (same ACT, dataset, batch, workers, steps), --pairs pairs, order swapped
-                 every pair; samples/s in steady state, the data-loading share of a step, peak RSS (process tree)
+  throughput     ours, ours with `--frame_cache disk`, and `lerobot-train` (same ACT, dataset, batch, workers,
+                 steps), --pairs rounds, order rotated every round; samples/s in steady state, the data-loading
+                 share of a step, peak RSS (process tree); the cache's fill time (first cached run) kept apart
   overhead       our steady-state step time vs a bare forward/backward/step loop over pre-loaded batches
   checkpoint     time training is blocked per checkpoint vs a synchronous save of the same state
   resume         launch-to-first-step of a resumed run vs a fresh start
@@ -15,6 +16,10 @@ At a realistic size, on one GPU (benchmarks/gpu_compare.sh; under 8 minutes on a
 (ResNet-18, not pretrained: offline), 3 cameras at 480x640, bf16, throughput and memory only:
 
     python benchmarks/compare.py --realistic --pairs 2 --steps 120 --out docs/benchmarks_gpu.md
+
+Larger cameras on CPU (throughput with and without the cache, lerobot-train, the bare loop only):
+
+    python benchmarks/compare.py --image_size 480 640 --episodes 2 --pairs 2 --steps 40 --out docs/benchmarks_480x640.md
 """
 
 from __future__ import annotations
@@ -49,10 +54,15 @@ class Workload:
     480x640 cameras in bf16 (--realistic, GPU)."""
 
     realistic: bool
+    image_size: tuple[int, int] | None = None  # the demo ACT on larger cameras (CPU: throughput only)
 
     @property
     def size(self) -> tuple[int, int]:
-        return (480, 640) if self.realistic else (64, 64)
+        return self.image_size or ((480, 640) if self.realistic else (64, 64))
+
+    @property
+    def throughput_only(self) -> bool:
+        return self.realistic or self.image_size is not None
 
     @property
     def workers(self) -> int:
@@ -70,7 +80,7 @@ class Workload:
     def describe(self) -> str:
         if self.realistic:
             return "lerobot's default ACT (ResNet-18 backbone, not pretrained), 3 cameras at 480x640, bf16"
-        return "the demo ACT (`configs/demo.yaml`), 3 cameras at 64x64, fp32"
+        return f"the demo ACT (`configs/demo.yaml`), 3 cameras at {self.size[0]}x{self.size[1]}, fp32"
 
 
 OUR_STEP = re.compile(r"INFO step (\d+)  loss")
@@ -160,34 +170,48 @@ def lerobot_data_share(result: Run) -> float:
     return statistics.mean(float(m[3]) / (float(m[2]) + float(m[3])) for m in windows)
 
 
+FILLED = re.compile(r"filled (\d+) files now in ([\d.]+) s")
+
+
 def throughput(work: Workload, data: Path, tmp: Path, pairs: int, steps: int) -> dict:
-    rows: dict[str, list] = {"ours": [], "lerobot": [], "bare": [], "ours_inline": []}
+    """Each pair: ours, ours reading frames from the decoded-frame cache (filled by the first such run, before its
+    first step; the fill time is kept apart), lerobot-train, in rotating order; on CPU also the bare loop and ours
+    without workers."""
+    rows: dict[str, list] = {"ours": [], "cached": [], "lerobot": [], "bare": [], "ours_inline": [], "fill_s": []}
+    cache = ["--frame_cache", "disk", "--frame_cache_dir", str(tmp / "frames")]
+    kinds = ("ours", "cached", "lerobot")
     for pair in range(pairs):
-        order = ("ours", "lerobot") if pair % 2 == 0 else ("lerobot", "ours")
-        for name in order:
+        for name in kinds[pair % 3 :] + kinds[: pair % 3]:
             out = tmp / f"{name}-{pair}"
-            if name == "ours":
-                result = run(ours_command(work, data, out, steps), OUR_STEP, work.env())
-                rows[name].append((result.samples_per_s(BATCH), our_data_share(out), result.peak_rss_mb))
-            else:
+            if name == "lerobot":
                 result = run(lerobot_command(work, data, out, steps), LEROBOT_STEP, work.env())
                 rows[name].append((result.samples_per_s(BATCH), lerobot_data_share(result), result.peak_rss_mb))
+            else:
+                extra = cache if name == "cached" else []
+                result = run(ours_command(work, data, out, steps, *extra), OUR_STEP, work.env())
+                rows[name].append((result.samples_per_s(BATCH), our_data_share(out), result.peak_rss_mb))
+                rows["fill_s"] += [float(m[2]) for m in map(FILLED.search, result.lines) if m]
             print(f"pair {pair} {name}: {rows[name][-1][0]:.2f} samples/s", flush=True)
-        if work.realistic:
-            continue
-        bare = subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "bare_loop.py"), "--dataset_root", str(data), "--steps", "30"],
-            cwd=REPO, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        measured = json.loads(bare.stdout.splitlines()[-1])
-        rows["bare"].append((measured["samples_per_s"], measured["load_cpu_s_per_batch"], measured["busy_cores"],
-                             measured["load_s_per_batch"]))  # fmt: skip
-        print(f"pair {pair} bare loop: {rows['bare'][-1][0]:.2f} samples/s", flush=True)
-        # Ours with the loading in the loop (no workers): bare step + loading + whatever the trainer adds.
-        inline = run(ours_command(work, data, tmp / f"inline-{pair}", steps // 2, "--num_workers", "0"), OUR_STEP)
-        rows["ours_inline"].append(inline.samples_per_s(BATCH))
-        print(f"pair {pair} ours, 0 workers: {rows['ours_inline'][-1]:.2f} samples/s", flush=True)
+        if not work.realistic:
+            bare_and_inline(data, tmp, pair, steps, rows)
     return rows
+
+
+def bare_and_inline(data: Path, tmp: Path, pair: int, steps: int, rows: dict) -> None:
+    """The bare loop over pre-loaded batches, and ours loading in the loop (no workers)."""
+    bare = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bare_loop.py"), "--dataset_root", str(data), "--steps", "30"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    measured = json.loads(bare.stdout.splitlines()[-1])
+    rows["bare"].append((measured["samples_per_s"], measured["load_cpu_s_per_batch"], measured["busy_cores"],
+                         measured["load_s_per_batch"]))  # fmt: skip
+    print(f"pair {pair} bare loop: {rows['bare'][-1][0]:.2f} samples/s", flush=True)
+    # Ours with the loading in the loop (no workers): bare step + loading + whatever the trainer adds.
+    work = Workload(realistic=False)
+    inline = run(ours_command(work, data, tmp / f"inline-{pair}", steps // 2, "--num_workers", "0"), OUR_STEP)
+    rows["ours_inline"].append(inline.samples_per_s(BATCH))
+    print(f"pair {pair} ours, 0 workers: {rows['ours_inline'][-1]:.2f} samples/s", flush=True)
 
 
 def resume_startup(data: Path, tmp: Path, pairs: int) -> tuple[list[float], list[float]]:
@@ -245,7 +269,7 @@ def breakdown(rows: dict) -> str:
         "| trainer | samples/s (each run) | data-loading share of a step | peak RSS, process tree |",
         "|---|---|---|---|",
     ]
-    for name, label in (("ours", "ours"), ("lerobot", "lerobot-train")):
+    for name, label in (("ours", "ours"), ("cached", "ours, --frame_cache disk"), ("lerobot", "lerobot-train")):
         runs = rows[name]
         lines.append(
             f"| {label} | {', '.join(f'{r[0]:.1f}' for r in runs)} | {statistics.mean(r[1] for r in runs):.0%} "
@@ -266,6 +290,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--realistic", action="store_true", help="default ACT, 480x640 cameras, bf16, on a GPU")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="the demo ACT on cameras of this size (CPU): throughput with and without the cache only",
+    )
+    parser.add_argument("--episodes", type=int, help="episodes of the demo dataset (default 10; 4 with --realistic)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     # The run without workers trains steps // 2 steps and needs one log window past the warm-up ones.
@@ -278,7 +310,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure(work: Workload, pairs: int, steps: int) -> dict:
+def measure(work: Workload, pairs: int, steps: int, episodes: int | None) -> dict:
     """Every measurement of the report, runs of each kind alternated: throughput rows, and on CPU the checkpoint
     stall, the resume start-up and the Hub upload."""
     sys.path.insert(0, str(REPO))
@@ -287,13 +319,13 @@ def measure(work: Workload, pairs: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
         data = demo_dataset.create(
-            tmp / "piper_demo", episodes=4 if work.realistic else 10, seed=0, image_size=work.size
+            tmp / "piper_demo", episodes=episodes or (4 if work.realistic else 10), seed=0, image_size=work.size
         )
         measured = {"rows": throughput(work, data, tmp, pairs, steps)}
-        if not work.realistic:
+        if not work.throughput_only:
             measured["stall"] = checkpoint_stall(data, tmp, pairs)
             measured["startup"] = resume_startup(data, tmp, pairs)
-    if not work.realistic:
+    if not work.throughput_only:
         sys.path.insert(0, str(REPO / "benchmarks"))
         from hub_upload_stall import measure as hub_upload
 
@@ -316,6 +348,7 @@ def cpu_targets(rows: dict, measured: dict) -> tuple[list[tuple[str, ...]], dict
     startup = statistics.mean(resumed) / statistics.mean(fresh)
     pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
     targets = [
+        *cache_targets(rows),
         ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.1f} vs "
          f"{lerobot_sps:.1f} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
         ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s; "
@@ -335,6 +368,27 @@ def cpu_targets(rows: dict, measured: dict) -> tuple[list[tuple[str, ...]], dict
         "saves": len(stall_blocked),
     }
     return targets, numbers
+
+
+def cache_targets(rows: dict) -> list[tuple[str, ...]]:
+    """With the decoded-frame cache: against lerobot-train and the bare loop, and the fill, amortised."""
+    cached, ours, lerobot = (statistics.mean(r[0] for r in rows[k]) for k in ("cached", "ours", "lerobot"))
+    pairs = ", ".join(f"{c[0] / t[0]:.2f}" for c, t in zip(rows["cached"], rows["lerobot"], strict=True))
+    fill_s = sum(rows["fill_s"])
+    saved_per_step = BATCH / ours - BATCH / cached
+    amortised = f"{fill_s / saved_per_step:.0f} steps" if saved_per_step > 0 else "never (no step time saved)"
+    result = [
+        ("throughput with --frame_cache disk, ours / lerobot-train", ">= 1.15x", f"**{cached / lerobot:.2f}x** "
+         f"({cached:.1f} vs {lerobot:.1f} samples/s; pairs: {pairs}; without the cache {ours / lerobot:.2f}x)",
+         verdict(cached / lerobot, 1.15, True)),
+        ("fill of the cache (once per machine and dataset)", "", f"{fill_s:.1f} s, repaid after {amortised}", ""),
+    ]  # fmt: skip
+    if rows["bare"]:
+        bare = statistics.mean(r[0] for r in rows["bare"])
+        result.insert(1, ("step time with --frame_cache disk, ours / bare loop", "<= 1.08x",
+                          f"**{bare / cached:.2f}x** (bare loop {bare:.1f} samples/s, decoding)",
+                          verdict(bare / cached, 1.08, False)))  # fmt: skip
+    return result
 
 
 def cpu_report(header: str, rows: dict, measured: dict) -> str:
@@ -373,14 +427,21 @@ samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {BAT
 """
 
 
-def realistic_report(header: str, rows: dict) -> str:
+def realistic_report(header: str, rows: dict, work: Workload) -> str:
+    """Throughput with and without the decoded-frame cache, against lerobot-train (and on CPU the bare loop)."""
     ours_sps, lerobot_sps = (statistics.mean(r[0] for r in rows[k]) for k in ("ours", "lerobot"))
-    return f"""# Benchmarks at a realistic size (GPU)
+    table = "\n".join(f"| {' | '.join(row)} |" for row in cache_targets(rows))
+    title = "at a realistic size (GPU)" if work.realistic else f"with {work.size[0]}x{work.size[1]} cameras (CPU)"
+    return f"""# Benchmarks {title}
 
 {header}
 
 Throughput, ours / lerobot-train 0.6.1: **{ours_sps / lerobot_sps:.2f}x** ({ours_sps:.1f} vs {lerobot_sps:.1f}
 samples/s).
+
+| measure | target | measured | |
+|---|---|---|---|
+{table}
 
 {breakdown(rows)}
 
@@ -390,13 +451,15 @@ samples/s).
 
 def main() -> None:
     args = parse_args()
-    work = Workload(args.realistic)
+    work = Workload(args.realistic, tuple(args.image_size) if args.image_size else None)
     started = time.time()
-    measured = measure(work, args.pairs, args.steps)
-    command = (
-        f"python benchmarks/compare.py {'--realistic ' if work.realistic else ''}--pairs {args.pairs} "
-        f"--steps {args.steps}"
+    measured = measure(work, args.pairs, args.steps, args.episodes)
+    options = (
+        ("--realistic " if work.realistic else "")
+        + (f"--image_size {args.image_size[0]} {args.image_size[1]} " if args.image_size else "")
+        + (f"--episodes {args.episodes} " if args.episodes else "")
     )
+    command = f"python benchmarks/compare.py {options}--pairs {args.pairs} --steps {args.steps}"
     header = f"""Written by `{command}` on {time.strftime("%Y-%m-%d", time.gmtime(started))} \
 ({(time.time() - started) / 60:.0f} min).
 Machine: {machine()}.
@@ -404,7 +467,10 @@ Workload: {work.describe()}; the demo dataset's synthetic Piper episodes (AV1 vi
 {BATCH}, {work.workers} loader workers, {args.steps} steps. Every ratio compares runs made alternately in this one
 command."""
     rows = measured["rows"]
-    text = realistic_report(header, rows) if work.realistic else cpu_report(header, rows, measured)
+    if work.throughput_only:
+        text = realistic_report(header, rows, work)
+    else:
+        text = cpu_report(header, rows, measured)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -7,10 +7,12 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import base_args
+from conftest import REPO, base_args
 
 from accel_train.train import main
 
@@ -148,3 +150,15 @@ def test_malicious_optimizer_pickle_is_refused(capsys, tiny_dataset: Path, check
     (checkpoint / "optimizer_state.pth").write_bytes(pickle.dumps({"state": Exploit()}))
     fails(capsys, resume_args(tiny_dataset, checkpoint), "Refusing to load", "optimizer_state.pth")
     assert not marker.exists()
+
+
+def test_a_policy_whose_packages_are_missing_names_our_extra(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Diffusion without diffusers (hidden from this process): the error names `pip install -e '.[diffusion]'`."""
+    args = base_args(tiny_dataset, tmp_path / "out", "--policy.type=diffusion", "--steps", "1")
+    code = (
+        "import sys; sys.modules['diffusers'] = None; from accel_train.train import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "The 'diffusion' policy needs packages" in last and "pip install -e '.[diffusion]'" in last, last

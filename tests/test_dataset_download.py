@@ -54,3 +54,20 @@ def test_download_pinned_to_a_revision(served_dataset: ServedDataset, tmp_path: 
     assert [b.target_commit for b in HfApi().list_repo_refs(served.repo_id, repo_type="dataset").tags] == [
         served.revision
     ]
+
+
+def test_train_on_some_episodes_of_a_hub_dataset_at_a_revision(served_dataset: ServedDataset, tmp_path: Path) -> None:
+    """lerobot-train's --dataset.repo_id/--dataset.revision/--dataset.episodes against the Hub: only episode 1
+    of the tagged revision trains; a revision the repo lacks is one clear error."""
+    from conftest import assert_ok, base_args, run_cli
+
+    served, copy = served_dataset, tmp_path / "copy"
+    hub = ["--dataset.repo_id", served.repo_id, "--dataset.revision", served.revision]
+    result = run_cli(base_args(copy, tmp_path / "out", *hub, "--dataset.episodes=[1]", "--steps", "2"), env=served.env)
+    assert_ok(result)
+    assert f"Dataset {served.repo_id}: 40 frames, 1 episodes" in result.stderr
+
+    missing = run_cli(base_args(tmp_path / "other", tmp_path / "out2", *hub[:2], "--dataset.revision", "nope",
+                                "--steps", "1"), env=served.env)  # fmt: skip
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert f"The dataset '{served.repo_id}' has no revision 'nope'" in missing.stderr.strip().splitlines()[-1]

@@ -152,6 +152,7 @@ def test_bad_dataset_options_get_one_clear_error(
         ([*two], ["datasets of the mix differ", str(wrist_dataset), "observation.images.gripper",
                   "observation.images.wrist"]),
         (["--dataset_id=a/b", "--dataset.repo_id=c/d"], ["same option in two spellings", "a/b, c/d"]),
+        (["--dataset.streaming=true"], ["--dataset.streaming=true is not supported yet"]),
         (["--dataset.repo_id=[local/piper_demo,nobody/gone]", f"--dataset.root=[{tiny_dataset},{tmp_path / 'no'}]"],
          ["Could not load the dataset 'nobody/gone'", "--dataset.root"]),
     ]  # fmt: skip

@@ -1,10 +1,10 @@
 """A two-dataset mix vs the same data as one local dataset: accel-train's samples/s, side by side in one run.
-Writes docs/benchmarks_datasets.md.
+Writes docs/benchmarks_dataset_mix.md.
 
 The two datasets are demo datasets of 10 episodes each (seeds 0 and 1); the single dataset is lerobot's
 `aggregate_datasets` of the two, so both runs train on the same frames, the same policy and the same batch.
 
-    python benchmarks/datasets.py [--pairs 2] [--steps 60] [--out docs/benchmarks_datasets.md]
+    python benchmarks/dataset_mix.py [--pairs 2] [--steps 60] [--out docs/benchmarks_dataset_mix.md]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks_datasets.md")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks_dataset_mix.md")
     args = parser.parse_args()
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
@@ -69,7 +69,7 @@ def main() -> None:
     pairs = ", ".join(f"{m / o:.2f}" for m, o in zip(rates["mix"], rates["one"], strict=True))
     text = f"""# Datasets benchmark: a mix of two datasets vs the same data as one
 
-Written by `python benchmarks/datasets.py --pairs {args.pairs} --steps {args.steps}` on
+Written by `python benchmarks/dataset_mix.py --pairs {args.pairs} --steps {args.steps}` on
 {time.strftime("%Y-%m-%d", time.gmtime(started))} ({(time.time() - started) / 60:.0f} min). Machine: {machine()}.
 Workload: the demo ACT (`configs/demo.yaml`) on two demo datasets of {EPISODES} episodes (3 AV1 cameras at 64x64)
 given as `--dataset.repo_id='[A,B]' --dataset.root='[A,B]'`, against lerobot's `aggregate_datasets` of the two

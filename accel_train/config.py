@@ -33,7 +33,7 @@ from lerobot.optim.schedulers import LRSchedulerConfig
 
 from accel_train import frame_cache
 from accel_train.errors import UsageError
-from accel_train.sources import DatasetConfig, upgrade_flags, upgrade_layer
+from accel_train.sources import DatasetConfig, flag_section, replace_selection, upgrade_flags, upgrade_layer
 
 DEFAULT_POLICY_TYPE = "act"
 POSITIVE = ("steps", "batch_size", "gradient_accumulation_steps", "save_freq", "log_freq", "val_max_samples")
@@ -162,7 +162,7 @@ def _as_flag_text(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (list, tuple, dict)):
-        return json.dumps(list(value) if isinstance(value, tuple) else value)
+        return json.dumps(draccus.encode(list(value) if isinstance(value, tuple) else value), default=str)
     return str(value)
 
 
@@ -243,7 +243,7 @@ def split_policy_path(args: list[str]) -> tuple[str | None, list[str]]:
 def flag_value(args: list[str], name: str) -> str | None:
     """The value of `--name=V` or `--name V` in args, the last one given, if any."""
     value = None
-    for arg, following in zip(args, [*args[1:], None], strict=True):
+    for arg, following in zip(args, [*args[1:], None], strict=False):
         if arg.startswith(f"--{name}="):
             value = arg.split("=", 1)[1]
         elif arg == f"--{name}" and following is not None and not following.startswith("--"):
@@ -355,7 +355,8 @@ def parse(args: list[str], base: dict | None = None) -> TrainConfig:
                 f"{config_file} sets the policy type '{asked}', but this run continues a '{continued}' policy (from "
                 "its checkpoint or --policy.path). Use a config file without that policy section, or start a new run."
             )
-        layers = _deep_merge(layers, from_file)
+        layers = _deep_merge(replace_selection(layers, from_file.get("dataset") or {}), from_file)
+    layers = replace_selection(layers, flag_section(args))
     cli_type = gives_policy_type(args)
     if cli_type and (layers.get("policy") or {}).get("type", cli_type) != cli_type:
         layers.pop("policy")  # another policy type on the command line replaces the section, fields and all

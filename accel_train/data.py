@@ -325,11 +325,7 @@ class TrainingData:
         sources = cfg.dataset.sources()
         datasets = load_datasets(sources, cfg, cfg.dataset.image_transforms)
         caches = [frame_cache.attach(d, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb) for d in datasets]
-        splits = [
-            split_episodes(all_episodes(d), cfg.val_episodes, cfg.seed, s.repo_id)
-            for d, s in zip(datasets, sources, strict=True)
-        ]
-        trained, held_out = [t for t, _ in splits], [h for _, h in splits]
+        trained, held_out = split_each(datasets, sources, cfg.val_episodes, cfg.seed)
         if len(sources) == 1 and not sources[0].rename_map:
             dataset = datasets[0]
             order = EpisodeOrder(episode_permutation(dataset, cfg.policy, cfg.seed, trained[0]))
@@ -367,6 +363,18 @@ class TrainingData:
         sampler = ResumableBatchSampler(self.order, shape, accelerator.process_index, cfg.seed, start)
         pin_memory = accelerator.device.type == "cuda"
         return TimedBatches(make_dataloader(self.dataset, sampler, cfg.num_workers, pin_memory), shape.samples)
+
+
+def split_each(
+    datasets: list[LeRobotDataset], sources: list[DatasetSource], val_episodes: float, seed: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each dataset's (trained, held-out) episodes, drawn with its own seed: the run's for the first, as for one
+    dataset, one derived from it for the others."""
+    splits = [
+        split_episodes(all_episodes(d), val_episodes, seed if i == 0 else source_seed(seed, i), s.repo_id)
+        for i, (d, s) in enumerate(zip(datasets, sources, strict=True))
+    ]
+    return [t for t, _ in splits], [h for _, h in splits]
 
 
 def all_episodes(dataset: LeRobotDataset) -> list[int]:

@@ -206,10 +206,11 @@ def rgb_cameras(dataset: Any) -> list[str]:
     return [key for key in dataset.meta.video_keys if key not in dataset.meta.depth_keys]
 
 
-def episode_files(dataset: Any, cameras: list[str]) -> dict[tuple[int, str], tuple[str, float]]:
+def episode_files(dataset: Any, cameras: list[str], every: bool = False) -> dict[tuple[int, str], tuple[str, float]]:
     """(episode, camera) -> (video file path in the dataset, the episode's from_timestamp in it), as lerobot's
-    DatasetReader._query_videos computes them."""
-    episodes = dataset.episodes if dataset.episodes is not None else range(dataset.meta.total_episodes)
+    DatasetReader._query_videos computes them; for the episodes the dataset was opened with, or `every` one."""
+    chosen = dataset.episodes if dataset.episodes is not None and not every else None
+    episodes = chosen if chosen is not None else range(dataset.meta.total_episodes)
     table = {}
     for ep_idx in episodes:
         ep = dataset.meta.episodes[ep_idx]
@@ -509,8 +510,11 @@ def _attach(dataset: Any, report: Report, directory: Path | None, cap_gb: float 
             if entry is not None:
                 report.cached[video.relpath] = entry
         if may_fill:
+            # Entries of files this run does not read stay when the dataset has them: another run may train on
+            # other episodes (--dataset.episodes) of the same copy, from the same store.
+            every = video_files(dataset, episode_files(dataset, cameras, every=True))
             with contextlib.suppress(OSError):
-                remove_stale(store_dir, set(stems.values()))
+                remove_stale(store_dir, {entry_stem(v, file_key(store, v)) for v in every})
             fill(dataset, store_dir, videos, keys, cap_gb, report)
     report.stored_fill_s = sum(e.fill_s for e in report.cached.values())
     if not report.reason and len(report.cached) < len(videos):

@@ -98,6 +98,11 @@ class DatasetMix(torch.utils.data.Dataset):
         self.offsets = [0, *np.cumsum([len(d) for d in datasets]).tolist()]
         self.repo_id = " + ".join(s.repo_id for s in sources)
         self.meta = merged_meta(datasets, sources)
+        # lerobot returns video frames as uint8 (return_uint8) but image features as floats in [0, 1]; where a mix
+        # has both, every camera comes as a float in [0, 1], or the collated batch would mix the two scales.
+        kinds = {ft["dtype"] for d in datasets for ft in d.meta.features.values()} & {"image", "video"}
+        self.float_cameras = [k for k, ft in self.meta.features.items() if ft["dtype"] in ("image", "video")] if (
+            kinds == {"image", "video"}) else []  # fmt: skip
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -108,6 +113,9 @@ class DatasetMix(torch.utils.data.Dataset):
         rename = self.sources[which].rename_map
         if rename:
             item = {_renamed(key, rename): value for key, value in item.items()}
+        for key in self.float_cameras:
+            if item[key].dtype == torch.uint8:
+                item[key] = item[key].float().div_(255)
         item["dataset_index"] = torch.tensor(which)
         return item
 
@@ -167,8 +175,8 @@ def merged_meta(datasets: list[LeRobotDataset], sources: list[DatasetSource]) ->
     meta.info = dataclasses.replace(
         meta.info,
         features=features,
-        total_episodes=sum(d.meta.total_episodes for d in datasets),
-        total_frames=sum(d.meta.total_frames for d in datasets),
+        total_episodes=sum(d.num_episodes for d in datasets),  # the episodes chosen, not all of each dataset
+        total_frames=sum(d.num_frames for d in datasets),
     )
     meta.stats = aggregate_stats(
         [rename_stats(d.meta.stats, s.rename_map) for d, s in zip(datasets, sources, strict=True)]

@@ -104,10 +104,6 @@ class DatasetConfig:
             for repo_id, root, eps, revision, weight in zip(repo_ids, roots, episodes, revisions, weights, strict=True)
         ]
 
-    @property
-    def is_mix(self) -> bool:
-        return bool(self.mix) or (isinstance(self.repo_id, list) and len(self.repo_id) > 1)
-
 
 def _per_dataset(name: str, value: Any, repo_ids: list[str], kind: type, shared: bool = False) -> list[Any]:
     """A list-or-single option as one value per dataset; a single value applies to every dataset when `shared`
@@ -169,8 +165,9 @@ def upgrade_layer(layer: dict[str, Any], where: str) -> dict[str, Any]:
 
 def upgrade_flags(args: list[str]) -> list[str]:
     """Flags with the old flat dataset spellings rewritten into the section (`--dataset_id X` ->
-    `--dataset.repo_id=X`); the same option given in both spellings with different values is an error."""
-    out, i = [], 0
+    `--dataset.repo_id=X`). The last value of a flag wins, as in argparse; the same option given in both
+    spellings with different last values is an error."""
+    out, i, old_values = [], 0, {}
     while i < len(args):
         arg, i = args[i], i + 1
         name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
@@ -180,26 +177,50 @@ def upgrade_flags(args: list[str]) -> list[str]:
             continue
         if not eq and i < len(args) and not args[i].startswith("--"):
             value, eq, i = args[i], "=", i + 1
-        out.append(f"--dataset.{LEGACY[head]}{dot}{rest}{eq}{value}")
-    _refuse_two_spellings(args, out)
+        new = f"dataset.{LEGACY[head]}{dot}{rest}"
+        old_values[new] = (name, value)
+        out.append(f"--{new}{eq}{value}")
+    for new, (old, value) in old_values.items():
+        given = _last_value(args, new)
+        if given is not None and given.rstrip("/") != value.rstrip("/"):
+            raise UsageError(
+                f"--{old}={value} and --{new}={given} are the same option in two spellings, given different "
+                f"values: give one (--{new} is lerobot-train's)."
+            )
     return out
 
 
-def _refuse_two_spellings(given: list[str], upgraded: list[str]) -> None:
-    values: dict[str, set[str]] = {}
-    for i, arg in enumerate(upgraded):
-        if arg.startswith("--dataset."):
-            name, eq, value = arg[2:].partition("=")
-            if not eq and i + 1 < len(upgraded) and not upgraded[i + 1].startswith("--"):
-                value = upgraded[i + 1]
-            values.setdefault(name, set()).add(value)
-    for name, seen in values.items():
-        old = next((o for o, n in LEGACY.items() if name == f"dataset.{n}" or name.startswith(f"dataset.{n}.")), None)
-        if len(seen) > 1 and old and any(a.startswith(f"--{old}") for a in given):
-            raise UsageError(
-                f"--{old} and --{name} are the same option in two spellings, given different values "
-                f"({', '.join(sorted(seen))}): give one (--{name} is lerobot-train's)."
-            )
+def _last_value(args: list[str], name: str) -> str | None:
+    """The last value of `--name=V` or `--name V` in args, if any."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+    return value
+
+
+SELECTION = ("repo_id", "root", "episodes", "revision", "weights", "mix")
+
+
+def replace_selection(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """A lower config layer without its choice of datasets when the layer above names other datasets (another
+    repo_id, or entries): a new choice replaces the old one whole, as a new policy type replaces its section,
+    instead of mixing the old roots, episodes or entries with the new datasets."""
+    below = lower.get("dataset") or {}
+    renamed = any(key in upper and upper[key] != below.get(key) for key in ("repo_id", "mix"))
+    if not renamed or not below:
+        return lower
+    return {**lower, "dataset": {k: v for k, v in below.items() if k not in SELECTION}}
+
+
+def flag_section(args: list[str]) -> dict[str, Any]:
+    """The dataset choice the flags make (repo_id, mix), parsed as draccus parses a flag's value."""
+    from draccus.cfgparsing import parse_string
+
+    values = {key: _last_value(args, f"dataset.{key}") for key in ("repo_id", "mix")}
+    return {key: parse_string(value) for key, value in values.items() if value is not None}
 
 
 def dataset_ids(train_config: dict[str, Any]) -> list[str]:

@@ -215,14 +215,15 @@ def _reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, ke
 
 
 def _changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted option, old, new) for each option of `after` whose value differs in `before`, down into sections."""
+    """(dotted option, old, new) for each option of `after` whose value differs in `before`, field by field inside
+    the dataset section (whose fields a checkpoint written before the section existed partly lacks: not reported)."""
     changes = []
     for key, value in after.items():
-        old = before.get(key)
-        if isinstance(old, dict) and isinstance(value, dict) and old.keys() == value.keys():
-            changes += _changes(old, value, f"{prefix}{key}.")
-        elif old != value:
-            changes.append((f"{prefix}{key}", old, value))
+        old, name = before.get(key), f"{prefix}{key}"
+        if name in ("dataset", "dataset.image_transforms") and isinstance(old, dict) and isinstance(value, dict):
+            changes += _changes(old, value, f"{name}.")
+        elif old != value and (key in before or not prefix):
+            changes.append((name, old, value))
     return changes
 
 

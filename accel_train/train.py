@@ -35,6 +35,7 @@ from accel_train.hub import HubPusher, write_model_card
 from accel_train.metrics import MetricsLogger, StepWindow, start_trackers
 from accel_train.model import PolicyParts, build_parts
 from accel_train.preemption import PreemptionWatch
+from accel_train.sources import upgrade_flags
 from accel_train.start import Start, locate_start
 from accel_train.validation import Validator, make_validator
 
@@ -44,7 +45,9 @@ log = logging.getLogger("accel_train")
 def train(cfg: TrainConfig | None = None, /, **kwargs: Any) -> TrainerState:
     """Run training. Keyword arguments are the command-line options (`policy={"type": "act", ...}` nests,
     `config="file.yaml"` is --config); a TrainConfig gives the fields it sets, and keywords override those."""
-    return run((config_to_args(cfg) if cfg is not None else []) + kwargs_to_args(kwargs))
+    # Keywords in the old spellings (dataset_id=...) are rewritten first, so that they override the config's
+    # dataset section instead of contradicting it.
+    return run((config_to_args(cfg) if cfg is not None else []) + upgrade_flags(kwargs_to_args(kwargs)))
 
 
 @dataclass

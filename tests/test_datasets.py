@@ -9,15 +9,19 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, assert_ok, base_args, losses, run_cli, same_weights
 from lerobot.datasets.sampler import EpisodeAwareSampler
 
 from accel_train import demo_dataset
+from accel_train.checkpoint import TrainerState
+from accel_train.checkpointer import starting_state
 from accel_train.config import parse
-from accel_train.data import TrainingData
+from accel_train.data import DataPosition, TrainingData
 from accel_train.errors import UsageError
 from accel_train.mix import EpisodeOrder, MixedOrder, epoch_counts
 from accel_train.train import main
@@ -151,7 +155,8 @@ def test_bad_dataset_options_get_one_clear_error(
         ([*two, "--dataset.episodes=[0,1]"], ["one list per dataset"]),
         ([*two], ["datasets of the mix differ", str(wrist_dataset), "observation.images.gripper",
                   "observation.images.wrist"]),
-        (["--dataset_id=a/b", "--dataset.repo_id=c/d"], ["same option in two spellings", "a/b, c/d"]),
+        (["--dataset_id=a/b", "--dataset.repo_id=c/d"], ["--dataset_id=a/b and --dataset.repo_id=c/d are the same "
+                                                          "option in two spellings"]),
         (["--dataset.streaming=true"], ["--dataset.streaming=true is not supported yet"]),
         (["--dataset.repo_id=[local/piper_demo,nobody/gone]", f"--dataset.root=[{tiny_dataset},{tmp_path / 'no'}]"],
          ["Could not load the dataset 'nobody/gone'", "--dataset.root"]),
@@ -168,3 +173,26 @@ def test_a_config_file_mixing_both_spellings_is_refused(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"dataset_id": "a/b", "dataset": {"repo_id": "c/d"}}))
     with pytest.raises(UsageError, match="sets both dataset_id"):
         parse(["--config", str(config), "--output_dir", str(tmp_path)])
+
+
+def test_a_mix_of_image_and_video_cameras_gives_one_scale(
+    tiny_dataset: Path, wrist_dataset: Path, tmp_path: Path
+) -> None:
+    """lerobot returns video frames as uint8 and image features as floats in [0, 1]: in a mix, both as floats."""
+    cfg = parse(mix_args(write_mix_config(tmp_path / "mix.yaml", tiny_dataset, wrist_dataset), tmp_path / "out"))
+    cfg.policy.device = "cpu"
+    data = TrainingData.load(cfg)
+    for index in (0, len(data.dataset) - 1):  # a video frame of the first dataset, an image of the second
+        frame = data.dataset[index]["observation.images.gripper"]
+        assert frame.dtype == torch.float32 and 0 <= frame.min() and frame.max() <= 1 and frame.max() > 0.1
+
+
+def test_a_resume_into_a_smaller_epoch_starts_the_next_one(tmp_path: Path) -> None:
+    """The saved position lies beyond the new epoch's end (another mix, a larger step): the next epoch begins."""
+    cfg = parse(["--output_dir", str(tmp_path), "--batch_size", "8"])
+    saved = TrainerState(step=5, data=DataPosition(epoch=2, sample=40), samples_seen=40, seed=cfg.seed, batch_size=8)
+    start = SimpleNamespace(resume=tmp_path, saved=saved, step=5)
+    data = SimpleNamespace(epoch_samples=44, describe=list)
+    assert starting_state(cfg, 1, start, data).data == DataPosition(epoch=3, sample=0)
+    data.epoch_samples = 48
+    assert starting_state(cfg, 1, start, data).data == DataPosition(epoch=2, sample=40)

@@ -33,6 +33,7 @@ from lerobot.optim.schedulers import LRSchedulerConfig
 
 from accel_train import frame_cache
 from accel_train.errors import UsageError
+from accel_train.flags import flag_value
 from accel_train.sources import DatasetConfig, flag_section, replace_selection, upgrade_flags, upgrade_layer
 
 DEFAULT_POLICY_TYPE = "act"
@@ -238,17 +239,6 @@ def split_policy_path(args: list[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(arg)
     return path, rest
-
-
-def flag_value(args: list[str], name: str) -> str | None:
-    """The value of `--name=V` or `--name V` in args, the last one given, if any."""
-    value = None
-    for arg, following in zip(args, [*args[1:], None], strict=False):
-        if arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-        elif arg == f"--{name}" and following is not None and not following.startswith("--"):
-            value = following
-    return value
 
 
 def without_section(args: list[str], section: str) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from lerobot.transforms import ImageTransformsConfig
 
 from accel_train.errors import UsageError
+from accel_train.flags import flag_value
 
 DEFAULT_REPO_ID = "ISdept/piper_arm"
 # Old flat option -> its place in the dataset section.
@@ -181,24 +182,13 @@ def upgrade_flags(args: list[str]) -> list[str]:
         old_values[new] = (name, value)
         out.append(f"--{new}{eq}{value}")
     for new, (old, value) in old_values.items():
-        given = _last_value(args, new)
+        given = flag_value(args, new)
         if given is not None and given.rstrip("/") != value.rstrip("/"):
             raise UsageError(
                 f"--{old}={value} and --{new}={given} are the same option in two spellings, given different "
                 f"values: give one (--{new} is lerobot-train's)."
             )
     return out
-
-
-def _last_value(args: list[str], name: str) -> str | None:
-    """The last value of `--name=V` or `--name V` in args, if any."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-        elif arg == f"--{name}" and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
-    return value
 
 
 SELECTION = ("repo_id", "root", "episodes", "revision", "weights", "mix")
@@ -219,7 +209,7 @@ def flag_section(args: list[str]) -> dict[str, Any]:
     """The dataset choice the flags make (repo_id, mix), parsed as draccus parses a flag's value."""
     from draccus.cfgparsing import parse_string
 
-    values = {key: _last_value(args, f"dataset.{key}") for key in ("repo_id", "mix")}
+    values = {key: flag_value(args, f"dataset.{key}") for key in ("repo_id", "mix")}
     return {key: parse_string(value) for key, value in values.items() if value is not None}
 
 

@@ -25,13 +25,13 @@ from accel_train.config import (
     DEFAULT_POLICY_TYPE,
     BasePolicy,
     TrainConfig,
-    flag_value,
     gives_policy_type,
     parse,
     split_policy_path,
     without_section,
 )
 from accel_train.errors import TrainError
+from accel_train.flags import flag_value
 from accel_train.metrics import METRICS_FILE, TRACKER_PATHS
 from accel_train.sources import upgrade_layer
 

@@ -50,7 +50,7 @@ from accel_train.checkpoint import (
     write_manifest,
 )
 from accel_train.config import Every, TrainConfig
-from accel_train.data import DataPosition, StepShape, TrainingData
+from accel_train.data import StepShape, TrainingData
 from accel_train.errors import TrainError
 from accel_train.model import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, PolicyParts
 
@@ -566,8 +566,7 @@ def starting_state(cfg: TrainConfig, num_processes: int, start: Start, data: Tra
     }
     if saved.datasets and _mix_identity(saved.datasets) != _mix_identity(state.datasets):
         changed["dataset mix"] = (_mix_text(saved.datasets), _mix_text(state.datasets))
-    if state.data.sample + step_samples > data.epoch_samples:  # a smaller epoch or a larger step: the next epoch
-        state.data = DataPosition(state.data.epoch + 1, 0)
+    state.data = state.data.fitted(step_samples, data.epoch_samples)  # after a smaller epoch or a larger step
     if changed:
         log.warning(
             "Resuming with a different %s: the run continues from step %d and sample %d of epoch %d, but "

@@ -141,11 +141,14 @@ class DataPosition:
     sample: int = 0
 
     def advanced(self, step_samples: int, epoch_samples: int) -> DataPosition:
-        """The position after one optimizer step; an epoch ends when a whole step no longer fits."""
-        sample = self.sample + step_samples
-        if sample + step_samples > epoch_samples:
+        """The position after one optimizer step."""
+        return DataPosition(self.epoch, self.sample + step_samples).fitted(step_samples, epoch_samples)
+
+    def fitted(self, step_samples: int, epoch_samples: int) -> DataPosition:
+        """This position, or the next epoch's start when a whole step no longer fits in this epoch."""
+        if self.sample + step_samples > epoch_samples:
             return DataPosition(self.epoch + 1, 0)
-        return DataPosition(self.epoch, sample)
+        return self
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:

@@ -326,14 +326,12 @@ class TrainingData:
         """Every rank: the datasets, their frames read from the decoded-frame cache when --frame_cache is on (the
         first process on a machine fills it, the others wait), their episode splits and the frame order."""
         sources = cfg.dataset.sources()
-        datasets = load_datasets(sources, cfg, cfg.dataset.image_transforms)
-        caches = [frame_cache.attach(d, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb) for d in datasets]
+        datasets, caches = open_datasets(sources, cfg, cfg.dataset.image_transforms)
         trained, held_out = split_each(datasets, sources, cfg.val_episodes, cfg.seed)
-        if len(sources) == 1 and not sources[0].rename_map:
-            dataset = datasets[0]
+        dataset = as_one(datasets, sources)
+        if not isinstance(dataset, DatasetMix):
             order = EpisodeOrder(episode_permutation(dataset, cfg.policy, cfg.seed, trained[0]))
         else:
-            dataset = DatasetMix(datasets, sources)
             orders = [
                 EpisodeOrder(episode_permutation(d, cfg.policy, source_seed(cfg.seed, i), t))
                 for i, (d, t) in enumerate(zip(datasets, trained, strict=True))
@@ -366,6 +364,23 @@ class TrainingData:
         sampler = ResumableBatchSampler(self.order, shape, accelerator.process_index, cfg.seed, start)
         pin_memory = accelerator.device.type == "cuda"
         return TimedBatches(make_dataloader(self.dataset, sampler, cfg.num_workers, pin_memory), shape.samples)
+
+
+def open_datasets(
+    sources: list[DatasetSource], cfg: TrainConfig, image_transforms: ImageTransformsConfig
+) -> tuple[list[LeRobotDataset], list[frame_cache.Report]]:
+    """The datasets, each reading its frames from the decoded-frame cache when --frame_cache is on (the first
+    process on a machine fills it, the others wait; a filled store is a lookup)."""
+    datasets = load_datasets(sources, cfg, image_transforms)
+    caches = [frame_cache.attach(d, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb) for d in datasets]
+    return datasets, caches
+
+
+def as_one(datasets: list[LeRobotDataset], sources: list[DatasetSource]) -> LeRobotDataset | DatasetMix:
+    """The datasets behind one index: a single dataset without renaming as itself, others as a DatasetMix."""
+    if len(sources) == 1 and not sources[0].rename_map:
+        return datasets[0]
+    return DatasetMix(datasets, sources)
 
 
 def split_each(

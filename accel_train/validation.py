@@ -17,10 +17,8 @@ import torch
 from accelerate import Accelerator
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-from accel_train import frame_cache
 from accel_train.config import Every, TrainConfig
-from accel_train.data import TrainingData, held_out_frames, images_to_float, load_datasets
-from accel_train.mix import DatasetMix
+from accel_train.data import TrainingData, as_one, held_out_frames, images_to_float, open_datasets
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +33,11 @@ def make_validator(cfg: TrainConfig, accelerator: Accelerator, data: TrainingDat
     dataset = data.dataset
     if cfg.dataset.image_transforms.enable:
         no_augmentation = dataclasses.replace(cfg.dataset.image_transforms, enable=False)
-        datasets = load_datasets(data.sources, cfg, no_augmentation)
-        for each in datasets:
-            frame_cache.attach(each, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb)  # filled: a lookup
-        dataset = DatasetMix(datasets, data.sources) if isinstance(data.dataset, DatasetMix) else datasets[0]
+        dataset = as_one(open_datasets(data.sources, cfg, no_augmentation)[0], data.sources)
     frames = held_out_frames(data, cfg.policy, cfg.val_max_samples)
-    held_out = {s.repo_id: h for s, h in zip(data.sources, data.held_out, strict=True)}
-    log.info("Validation on %d frames of held-out episodes %s", len(frames), held_out)
+    # Per dataset, in order: the same repo id may appear twice in a mix.
+    held_out = ", ".join(f"{s.repo_id} {h}" for s, h in zip(data.sources, data.held_out, strict=True))
+    log.info("Validation on %d frames of held-out episodes: %s", len(frames), held_out)
     return Validator(dataset, frames, cfg, accelerator, Every(cfg.eval_freq or cfg.save_freq, cfg.steps))
 
 

@@ -512,7 +512,7 @@ def _attach(dataset: Any, report: Report, directory: Path | None, cap_gb: float 
         if may_fill:
             # Entries of files this run does not read stay when the dataset has them: another run may train on
             # other episodes (--dataset.episodes) of the same copy, from the same store.
-            every = video_files(dataset, episode_files(dataset, cameras, every=True))
+            every = videos if dataset.episodes is None else video_files(dataset, episode_files(dataset, cameras, True))
             with contextlib.suppress(OSError):
                 remove_stale(store_dir, {entry_stem(v, file_key(store, v)) for v in every})
             fill(dataset, store_dir, videos, keys, cap_gb, report)

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,16 @@ def run(command: list[str], step_pattern: re.Pattern, env: dict[str, str] | None
     if process.returncode != 0:
         raise SystemExit(f"{command[:3]} failed ({process.returncode}):\n{''.join(result.lines[-30:])}")
     return result
+
+
+def alternated(pairs: int, names: tuple[str, str], samples_per_s: Callable[[str, int], float]) -> dict[str, list]:
+    """Samples/s of two kinds of run, `pairs` of each, the order swapped every pair: {name: [rate per pair]}."""
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for pair in range(pairs):
+        for name in names if pair % 2 == 0 else names[::-1]:
+            rates[name].append(samples_per_s(name, pair))
+            print(f"pair {pair} {name}: {rates[name][-1]:.2f} samples/s", flush=True)
+    return rates
 
 
 def policy_flags(work: Workload) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from compare import BATCH, LOG_FREQ, OUR_STEP, machine, run  # noqa: E402
+from compare import BATCH, LOG_FREQ, OUR_STEP, alternated, machine, run  # noqa: E402
 
 EPISODES = 10
 
@@ -57,14 +57,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
         parts, whole = datasets(tmp)
-        rates: dict[str, list[float]] = {"mix": [], "one": []}
-        for pair in range(args.pairs):
-            for name in ("mix", "one") if pair % 2 == 0 else ("one", "mix"):
-                roots = parts if name == "mix" else [whole]
-                rates[name].append(
-                    run(command(roots, tmp / f"{name}-{pair}", args.steps), OUR_STEP).samples_per_s(BATCH)
-                )
-                print(f"pair {pair} {name}: {rates[name][-1]:.2f} samples/s", flush=True)
+
+        def rate(name: str, pair: int) -> float:
+            roots = parts if name == "mix" else [whole]
+            return run(command(roots, tmp / f"{name}-{pair}", args.steps), OUR_STEP).samples_per_s(BATCH)
+
+        rates = alternated(args.pairs, ("mix", "one"), rate)
     ratio = statistics.mean(rates["mix"]) / statistics.mean(rates["one"])
     pairs = ", ".join(f"{m / o:.2f}" for m, o in zip(rates["mix"], rates["one"], strict=True))
     text = f"""# Datasets benchmark: a mix of two datasets vs the same data as one

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]
 
-from compare import BATCH, BIN, LEROBOT_STEP, LOG_FREQ, OUR_STEP, machine, run  # noqa: E402
+from compare import BATCH, BIN, LEROBOT_STEP, LOG_FREQ, OUR_STEP, alternated, machine, run  # noqa: E402
 
 SAVE_FREQ = 10
 
@@ -85,14 +85,16 @@ def main() -> None:
         tmp = Path(scratch)
         data = demo_dataset.create(tmp / "piper_demo", episodes=10, seed=0)
         policy = stand_ins.smolvla_policy(tmp / "smolvla", stand_ins.smolvlm(tmp / "vlm"))
-        rates: dict[str, list[float]] = {"ours": [], "lerobot": []}
-        for pair in range(args.pairs):
-            for name in ("ours", "lerobot") if pair % 2 == 0 else ("lerobot", "ours"):
-                out = tmp / f"{name}-{pair}"
-                command = ours(data, policy, out, args.steps, "--save_freq", str(10**6)) if name == "ours" else (
-                    lerobot(data, policy, out, args.steps))  # fmt: skip
-                rates[name].append(run(command, OUR_STEP if name == "ours" else LEROBOT_STEP).samples_per_s(BATCH))
-                print(f"pair {pair} {name}: {rates[name][-1]:.2f} samples/s", flush=True)
+
+        def rate(name: str, pair: int) -> float:
+            out = tmp / f"{name}-{pair}"
+            if name == "ours":
+                command, pattern = ours(data, policy, out, args.steps, "--save_freq", str(10**6)), OUR_STEP
+            else:
+                command, pattern = lerobot(data, policy, out, args.steps), LEROBOT_STEP
+            return run(command, pattern).samples_per_s(BATCH)
+
+        rates = alternated(args.pairs, ("ours", "lerobot"), rate)
         full = saves(data, policy, tmp / "full")
         lora = saves(data, policy, tmp / "lora", "--peft.method_type=LORA", "--peft.r=16")
     ratio = statistics.mean(rates["ours"]) / statistics.mean(rates["lerobot"])

@@ -564,7 +564,7 @@ def starting_state(cfg: TrainConfig, num_processes: int, start: Start, data: Tra
         for name in ("num_processes", "batch_size", "gradient_accumulation_steps", "seed")
         if getattr(saved, name) != getattr(state, name)
     }
-    if saved.datasets and _mix_identity(saved.datasets) != _mix_identity(state.datasets):
+    if saved.datasets and _mix_changed(saved.datasets, state.datasets):
         changed["dataset mix"] = (_mix_text(saved.datasets), _mix_text(state.datasets))
     state.data = state.data.fitted(step_samples, data.epoch_samples)  # after a smaller epoch or a larger step
     if changed:
@@ -579,14 +579,22 @@ def starting_state(cfg: TrainConfig, num_processes: int, start: Start, data: Tra
     return state
 
 
-def _mix_identity(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What makes the data order: everything recorded but where each dataset lies on this machine."""
-    return [{k: v for k, v in d.items() if k != "root"} for d in datasets]
+def _mix_changed(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> bool:
+    """Whether the data differs: everything recorded but where each dataset lies on this machine, and the commit
+    where both runs read one (a streamed dataset's; a local copy has none to compare)."""
+    if len(saved) != len(now):
+        return True
+    for a, b in zip(saved, now, strict=True):
+        ignored = {"root"} | ({"commit"} if not ("commit" in a and "commit" in b) else set())
+        if any(a.get(k) != b.get(k) for k in (a.keys() | b.keys()) - ignored):
+            return True
+    return False
 
 
 def _mix_text(datasets: list[dict[str, Any]]) -> str:
     return " + ".join(
         f"{d['repo_id']}" + (f" episodes {d['episodes']}" if d.get("episodes") else "")
         + (f" weight {d['weight']:g}" if d.get("weight") else "") + f" [{d['epoch_samples']}/epoch]"
+        + (f" at commit {d['commit'][:12]}" if d.get("commit") else "")
         for d in datasets
     )  # fmt: skip

@@ -153,6 +153,11 @@ class TrainConfig:
             (self.push_to_hub and not self.hub_repo_id, "--push_to_hub needs --hub_repo_id USER/REPO"),
             (bool(self.resume_from_checkpoint and self.init_from),
              "--resume_from_checkpoint and --init_from exclude each other"),
+            (self.dataset.streaming and self.frame_cache != "off", f"--frame_cache {self.frame_cache} needs the "
+             "whole videos to decode them into the cache; a streamed dataset (--dataset.streaming=true) reads byte "
+             "ranges of them: drop one of the two"),
+            (self.dataset.streaming and self.dataset.video_backend == "torchcodec", "--dataset.streaming=true "
+             "decodes with PyAV (from byte ranges of the remote files): drop --dataset.video_backend=torchcodec"),
         ]  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ at any optimizer step, with any number of workers, and yield the same samples wi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -29,6 +30,7 @@ from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
 from accel_train.mix import DatasetMix, EpisodeOrder, MixedOrder, epoch_counts, source_seed
 from accel_train.sources import DatasetSource
+from accel_train.streaming import StreamedDataset, streamed_metadata
 
 EpochOrder = EpisodeOrder | MixedOrder
 
@@ -57,7 +59,9 @@ def load_datasets(sources: list[DatasetSource], cfg: TrainConfig, image_transfor
     datasets, unreachable = [], []
     for source in sources:
         try:
-            datasets.append(load_dataset(source, cfg.policy, image_transforms, cfg.dataset.video_backend))
+            datasets.append(
+                load_dataset(source, cfg.policy, image_transforms, cfg.dataset.video_backend, cfg.dataset.streaming)
+            )
         except DatasetUnreachable as error:
             unreachable.append(str(error))
     if unreachable:
@@ -80,8 +84,10 @@ def load_dataset(
     policy_cfg: PreTrainedConfig,
     image_transforms: ImageTransformsConfig,
     video_backend: str | None,
+    streaming: bool = False,
 ) -> LeRobotDataset:
-    """Open one LeRobot dataset (its chosen episodes, at its revision) with the policy's frame offsets."""
+    """Open one LeRobot dataset (its chosen episodes, at its revision) with the policy's frame offsets: a local
+    or downloaded copy, or with `streaming` read from where it lies (accel_train.streaming)."""
     from huggingface_hub.errors import RevisionNotFoundError
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
@@ -89,26 +95,32 @@ def load_dataset(
         f"in {source.root}" if source.root else "locally or on the Hugging Face Hub"
     )
     try:
-        meta = LeRobotDatasetMetadata(source.repo_id, root=source.root, revision=source.revision)
+        if streaming:
+            meta, files = streamed_metadata(source)
+        else:
+            meta = LeRobotDatasetMetadata(source.repo_id, root=source.root, revision=source.revision)
     except RevisionNotFoundError:
         raise TrainError(
             f"The dataset '{source.repo_id}' has no revision '{source.revision}' (--dataset.revision): give a branch, "
             "tag or commit of its Hub repo."
         ) from None
+    except TrainError:
+        raise
     except Exception as error:
         raise DatasetUnreachable(f"{unreachable} ({_first_line(error)}).") from None
     episodes = chosen_episodes(source, meta.total_episodes)
+    frames = {
+        "episodes": episodes,
+        "delta_timestamps": resolve_delta_timestamps(policy_cfg, meta),
+        "image_transforms": ImageTransforms(image_transforms) if image_transforms.enable else None,
+    }
     try:
+        if streaming:
+            return StreamedDataset(meta, files, **frames)
         return LeRobotDataset(
-            source.repo_id,
-            root=source.root,
-            episodes=episodes,
-            revision=source.revision,
-            delta_timestamps=resolve_delta_timestamps(policy_cfg, meta),
-            image_transforms=ImageTransforms(image_transforms) if image_transforms.enable else None,
-            video_backend=choose_video_backend(video_backend),
-            return_uint8=True,
-        )
+            source.repo_id, root=source.root, revision=source.revision,
+            video_backend=choose_video_backend(video_backend), return_uint8=True, **frames,
+        )  # fmt: skip
     except Exception as error:
         raise DatasetUnreachable(f"{unreachable} ({_first_line(error)}).") from None
 
@@ -322,11 +334,13 @@ class TrainingData:
     frame_cache: str = "off"  # what the decoded-frame cache does for these datasets, for the start-up summary
 
     @classmethod
-    def load(cls, cfg: TrainConfig) -> TrainingData:
+    def load(cls, cfg: TrainConfig, saved: list[dict[str, Any]] | None = None) -> TrainingData:
         """Every rank: the datasets, their frames read from the decoded-frame cache when --frame_cache is on (the
-        first process on a machine fills it, the others wait), their episode splits and the frame order."""
+        first process on a machine fills it, the others wait), their episode splits and the frame order. `saved`:
+        the mix a resumed checkpoint recorded, whose streamed datasets are read at the same commits again."""
         sources = cfg.dataset.sources()
-        datasets, caches = open_datasets(sources, cfg, cfg.dataset.image_transforms)
+        reads = at_saved_commits(sources, saved or []) if cfg.dataset.streaming else sources
+        datasets, caches = open_datasets(reads, cfg, cfg.dataset.image_transforms)
         trained, held_out = split_each(datasets, sources, cfg.val_episodes, cfg.seed)
         dataset = as_one(datasets, sources)
         if not isinstance(dataset, DatasetMix):
@@ -346,16 +360,24 @@ class TrainingData:
         return self.dataset.offsets[:-1] if isinstance(self.dataset, DatasetMix) else [0]
 
     @property
+    def title(self) -> str:
+        """The datasets' name for the start-up summary, with the commit each streamed one is read at."""
+        commits = [d.commit[:12] for d in self.datasets if getattr(d, "commit", None)]
+        return self.dataset.repo_id + (f" (streamed at commit {', '.join(commits)})" if commits else "")
+
+    @property
     def epoch_samples(self) -> int:
         return len(self.order)
 
     def describe(self) -> list[dict[str, Any]]:
-        """The mix as the checkpoint records it: each dataset, its episodes and its samples per epoch."""
+        """The mix as the checkpoint records it: each dataset, its episodes and its samples per epoch (and the
+        commit a streamed one was read at)."""
         counts = self.order.counts if isinstance(self.order, MixedOrder) else [len(self.order)]
         return [
             {"repo_id": s.repo_id, "root": str(s.root) if s.root else None, "revision": s.revision,
-             "episodes": s.episodes, "weight": s.weight, "rename_map": s.rename_map, "epoch_samples": n}
-            for s, n in zip(self.sources, counts, strict=True)
+             "episodes": s.episodes, "weight": s.weight, "rename_map": s.rename_map, "epoch_samples": n,
+             **({"commit": d.commit} if getattr(d, "commit", None) else {})}
+            for s, d, n in zip(self.sources, self.datasets, counts, strict=True)
         ]  # fmt: skip
 
     def batches(self, cfg: TrainConfig, accelerator: Accelerator, start: DataPosition) -> TimedBatches:
@@ -374,6 +396,19 @@ def open_datasets(
     datasets = load_datasets(sources, cfg, image_transforms)
     caches = [frame_cache.attach(d, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb) for d in datasets]
     return datasets, caches
+
+
+def at_saved_commits(sources: list[DatasetSource], saved: list[dict[str, Any]]) -> list[DatasetSource]:
+    """The sources, each streamed dataset that the resumed checkpoint read at a commit (the same repo at the same
+    revision in the same place of the mix) pinned to that commit: a branch that moved on since does not change
+    the data of a resumed run."""
+    reads = list(sources)
+    for i, (source, entry) in enumerate(zip(sources, saved, strict=False)):
+        same = (entry.get("repo_id"), entry.get("revision")) == (source.repo_id, source.revision)
+        if same and entry.get("commit") and source.root is None:
+            log.info("Streaming %s at commit %s, as the checkpoint did", source.repo_id, entry["commit"])
+            reads[i] = dataclasses.replace(source, revision=entry["commit"])
+    return reads
 
 
 def as_one(datasets: list[LeRobotDataset], sources: list[DatasetSource]) -> LeRobotDataset | DatasetMix:

@@ -68,7 +68,8 @@ class DatasetConfig:
     weights: list[float] | None = None
     # Several datasets in a config file, one entry each: {repo_id, root, episodes, revision, weight, rename_map}.
     mix: list[DatasetSource] | None = None
-    # lerobot-train's streaming from the Hub: not supported yet (an error that says so, not an unknown option).
+    # Read the datasets where they lie (the Hub, or --dataset.root in place) instead of downloading them: camera
+    # frames are decoded from byte ranges of the video files on demand (accel_train/streaming.py).
     streaming: bool = False
     # torchcodec or pyav; empty: torchcodec when its FFmpeg libraries load, else pyav.
     video_backend: Literal["torchcodec", "pyav"] | None = None
@@ -76,13 +77,6 @@ class DatasetConfig:
 
     def sources(self) -> list[DatasetSource]:
         """The datasets to train on, one entry each; a UsageError when the lists do not line up."""
-        if self.streaming:
-            raise UsageError(
-                "--dataset.streaming=true is not supported yet: accel-train trains from a local or downloaded copy "
-                "(give --dataset.root, or let lerobot download the dataset, only --dataset.episodes of it if you "
-                "like). lerobot's StreamingLeRobotDataset decodes video only with torchcodec, and restarts its "
-                "stream on resume."
-            )
         if self.mix:
             flat = [name for name in ("root", "episodes", "revision", "weights") if getattr(self, name) is not None]
             if flat or self.repo_id != DEFAULT_REPO_ID:

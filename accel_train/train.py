@@ -73,7 +73,7 @@ def run(args: list[str]) -> TrainerState:
 
     accelerator = make_accelerator(cfg, processes)
     set_seed(cfg.seed)  # model init is seeded: two fresh runs start from the same weights
-    data = load_data(cfg, accelerator)
+    data = load_data(cfg, accelerator, begin)
     parts = build_parts(cfg, data.dataset, begin.source, begin.pretrained)
     validator = make_validator(cfg, accelerator, data)
     pusher = make_pusher(cfg, accelerator)
@@ -211,12 +211,12 @@ def make_accelerator(cfg: TrainConfig, processes: PartialState) -> Accelerator:
     return accelerator
 
 
-def load_data(cfg: TrainConfig, accelerator: Accelerator) -> TrainingData:
+def load_data(cfg: TrainConfig, accelerator: Accelerator, begin: Start) -> TrainingData:
     """The dataset (the demo is created first when asked for and missing), split, and its frame permutation."""
     if cfg.demo_dataset and accelerator.is_main_process:
         demo_dataset.ensure(cfg.dataset.root)
     accelerator.wait_for_everyone()
-    return TrainingData.load(cfg)
+    return TrainingData.load(cfg, begin.saved.datasets if begin.saved and begin.resume else None)
 
 
 def make_pusher(cfg: TrainConfig, accelerator: Accelerator) -> HubPusher | None:
@@ -258,7 +258,7 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
         cfg.policy.type,
         count(params),
         count(trainable),
-        data.dataset.repo_id,
+        data.title,
         len(data.dataset),
         sum(d.num_episodes for d in data.datasets),
         data.epoch_samples,

@@ -71,3 +71,40 @@ def test_train_on_some_episodes_of_a_hub_dataset_at_a_revision(served_dataset: S
                                 "--steps", "1"), env=served.env)  # fmt: skip
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert f"The dataset '{served.repo_id}' has no revision 'nope'" in missing.stderr.strip().splitlines()[-1]
+
+
+def streamed_args(served: ServedDataset, output_dir: Path, *extra: str) -> list[str]:
+    """base_args reading the served dataset from the test Hub, streamed (no root: neither the flag nor the demo
+    config's)."""
+    from conftest import base_args
+
+    args = base_args(served.root, output_dir, "--dataset.root=null", *extra)
+    at = args.index("--dataset_root")
+    return [*args[:at], *args[at + 2 :], "--dataset.repo_id", served.repo_id, "--dataset.streaming=true"]
+
+
+def test_a_streamed_run_is_the_local_run_and_resumes_exactly(
+    served_dataset: ServedDataset, straight: Path, tmp_path: Path
+) -> None:
+    """--dataset.streaming=true against the test Hub, with 2 loader workers and augmentation: 10 steps, then a
+    resume to 16 in a fresh process, give the losses and weights of the 16-step run on the local copy (conftest's
+    `straight`, no workers). The checkpoint records the commit read; no data or video file lands on disk."""
+    from conftest import STRAIGHT_STEPS, assert_ok, losses, run_cli, same_weights
+
+    served, out = served_dataset, tmp_path / "out"
+    common = ["--num_workers", "2", "--image_transforms.enable=true"]
+    first = run_cli(streamed_args(served, out, *common, "--steps", "10", "--save_freq", "10"), env=served.env)
+    assert_ok(first)
+    assert f"(streamed at commit {served.revision[:12]})" in first.stderr
+    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["datasets"][0]["commit"] == served.revision
+
+    resume = ["--resume_from_checkpoint", "latest", "--steps", str(STRAIGHT_STEPS)]
+    second = run_cli(streamed_args(served, out, *common, *resume), env=served.env)
+    assert_ok(second)
+    assert "no longer bit-identical" not in second.stderr
+    assert losses(out) == losses(straight) and len(losses(out)) == STRAIGHT_STEPS
+    assert same_weights(out / "model.safetensors", straight / "model.safetensors")
+
+    downloaded = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".parquet")]
+    assert all("meta" in p.parts for p in downloaded), downloaded

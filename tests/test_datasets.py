@@ -157,7 +157,13 @@ def test_bad_dataset_options_get_one_clear_error(
                   "observation.images.wrist"]),
         (["--dataset_id=a/b", "--dataset.repo_id=c/d"], ["--dataset_id=a/b and --dataset.repo_id=c/d are the same "
                                                           "option in two spellings"]),
-        (["--dataset.streaming=true"], ["--dataset.streaming=true is not supported yet"]),
+        (["--dataset.streaming=true", "--frame_cache=disk"], ["--frame_cache disk needs the whole videos",
+                                                              "drop one of the two"]),
+        (["--dataset.streaming=true", "--dataset.video_backend=torchcodec"], ["decodes with PyAV"]),
+        (["--dataset.streaming=true", f"--dataset.root={wrist_dataset}"], ["cannot stream the dataset",
+                                                                           "observation.images.wrist"]),
+        (["--dataset.streaming=true", "--dataset.root=null", "--dataset.repo_id=nobody/gone"],
+         ["Could not load the dataset 'nobody/gone' locally or on the Hugging Face Hub"]),
         (["--dataset.repo_id=[local/piper_demo,nobody/gone]", f"--dataset.root=[{tiny_dataset},{tmp_path / 'no'}]"],
          ["Could not load the dataset 'nobody/gone'", "--dataset.root"]),
     ]  # fmt: skip

@@ -25,6 +25,8 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from datasets.table import InMemoryTable
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.datasets.dataset_reader import DatasetReader
 from lerobot.datasets.feature_utils import get_hf_features_from_features
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 BLOCK_BYTES = 2 * 2**20  # one range request
 BLOCKS_PER_FILE = 8  # a file's block cache, in each loader worker
 OPEN_FILES = 16  # files kept open in each loader worker (least recently used closed first)
+WHOLE_BLOCK_BYTES = 16 * 2**20  # range requests of a data file read once, at start
+_FORKED = threading.Lock()  # one thread of a forked worker drops the parent's file objects
 
 
 class RemoteFiles:
@@ -63,6 +68,7 @@ class RemoteFiles:
         self.base, self.commit = base, commit
         self._open: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._pid = os.getpid()
+        self._lock = threading.Lock()  # the cameras of a sample are read in parallel threads
 
     def __getstate__(self) -> dict[str, Any]:
         return {"base": self.base, "commit": self.commit}
@@ -71,16 +77,28 @@ class RemoteFiles:
         self.__init__(state["base"], state["commit"])
 
     def open(self, relpath: str) -> Any:
+        """The open file (one thread at a time reads it: a sample's cameras are different files)."""
         if self._pid != os.getpid():  # a forked worker: the parent's file objects are not ours to use
-            self.__init__(self.base, self.commit)
-        if relpath in self._open:
-            self._open.move_to_end(relpath)
-            return self._open[relpath]
-        if len(self._open) >= OPEN_FILES:
-            self._open.popitem(last=False)[1].close()
-        file = self._open_file(f"{self.base}/{relpath}")
-        self._open[relpath] = file
-        return file
+            with _FORKED:
+                if self._pid != os.getpid():
+                    self.__init__(self.base, self.commit)
+        with self._lock:
+            if relpath in self._open:
+                self._open.move_to_end(relpath)
+                return self._open[relpath]
+            if len(self._open) >= OPEN_FILES:
+                self._open.popitem(last=False)[1].close()
+            file = self._open[relpath] = self._open_file(f"{self.base}/{relpath}")
+            return file
+
+    def read_whole(self, relpath: str) -> Any:
+        """A file read once from start to end (a data file), outside the LRU: closed by the caller."""
+        path = f"{self.base}/{relpath}"
+        if not path.startswith("hf://"):
+            return open(path, "rb")  # noqa: SIM115
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem().open(path.removeprefix("hf://"), "rb", block_size=WHOLE_BLOCK_BYTES)
 
     @staticmethod
     def _open_file(path: str) -> Any:
@@ -123,6 +141,28 @@ def decode_frames(file: Any, name: str, timestamps: list[float], tolerance_s: fl
     return torch.stack([frames[i] for i in nearest])
 
 
+class StreamUnreadable(TrainError):
+    """A streamed file that could not be read (after huggingface_hub's retries of transient errors).
+
+    Raised in a loader worker, PyTorch re-raises it in the main process with the worker's traceback as its
+    message; the message is cut back to this error's own, so that the user sees one paragraph.
+    """
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def unreadable(repo_id: str, path: str, error: Exception) -> StreamUnreadable:
+    cause = str(error).splitlines()[0] if str(error) else ""
+    return StreamUnreadable(
+        f"Reading {path} of the streamed dataset '{repo_id}' failed ({type(error).__name__}: {cause}); transient "
+        "errors were retried. The last complete checkpoint is intact: rerun with --resume_from_checkpoint latest "
+        "once the files can be read."
+    )
+
+
 class StreamedReader(DatasetReader):
     """lerobot's DatasetReader with its two reads from disk replaced: the parquet rows and the video frames."""
 
@@ -135,12 +175,18 @@ class StreamedReader(DatasetReader):
         meta = self._meta
         episodes = self.episodes if self.episodes is not None else range(meta.total_episodes)
         paths = sorted({str(meta.get_data_file_path(e)) for e in episodes})
-        tables = [pq.read_table(self.files.open(p)) for p in paths]
+        tables = []
+        for path in paths:
+            try:
+                with self.files.read_whole(path) as file:
+                    tables.append(pq.read_table(file))
+            except Exception as error:
+                raise unreadable(meta.repo_id, path, error) from None
         table = pa.concat_tables(tables, promote_options="default")
         if self.episodes is not None:
             table = table.filter(pc.is_in(table["episode_index"], pa.array(self.episodes, table["episode_index"].type)))
         features = get_hf_features_from_features(meta.features)
-        dataset = datasets.Dataset(table)
+        dataset = datasets.Dataset(InMemoryTable(table))
         if dataset.features != features:
             with SuppressProgressBars():
                 dataset = dataset.cast(features)
@@ -148,13 +194,25 @@ class StreamedReader(DatasetReader):
         return dataset
 
     def _query_videos(self, query_timestamps: dict[str, list[float]], ep_idx: int) -> dict[str, torch.Tensor]:
+        """Each camera's frames, the cameras decoded in parallel threads as lerobot's reader does (decoding
+        releases the GIL)."""
         ep = self._meta.episodes[ep_idx]
-        frames = {}
-        for key, timestamps in query_timestamps.items():
+
+        def decode(key: str, timestamps: list[float]) -> torch.Tensor:
             path = str(self._meta.get_video_file_path(ep_idx, key))
             shifted = [ep[f"videos/{key}/from_timestamp"] + t for t in timestamps]
-            frames[key] = decode_frames(self.files.open(path), path, shifted, self._tolerance_s).squeeze(0)
-        return frames
+            try:
+                return decode_frames(self.files.open(path), path, shifted, self._tolerance_s).squeeze(0)
+            except FrameTimestampError:
+                raise  # the data, not the stream: as lerobot reports it for a local copy
+            except Exception as error:
+                raise unreadable(self._meta.repo_id, path, error) from None
+
+        if len(query_timestamps) <= 1:
+            return {key: decode(key, timestamps) for key, timestamps in query_timestamps.items()}
+        with ThreadPoolExecutor(max_workers=len(query_timestamps)) as pool:
+            futures = {key: pool.submit(decode, key, timestamps) for key, timestamps in query_timestamps.items()}
+            return {key: future.result() for key, future in futures.items()}
 
 
 class StreamedDataset(LeRobotDataset):

@@ -299,8 +299,10 @@ def setup_logging(is_main: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    # Accelerate logs every file of save_state at INFO; our own line per checkpoint says enough.
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    # At INFO, Accelerate logs every file of save_state, httpx and fsspec every request and block read (a streamed
+    # dataset, Hub pushes); our own lines say enough.
+    for name in ("accelerate", "httpx", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,16 @@ def test_a_streamed_run_is_the_local_run_and_resumes_exactly(
 
     downloaded = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".parquet")]
     assert all("meta" in p.parts for p in downloaded), downloaded
+
+
+def test_a_stream_that_cannot_be_read_stops_with_one_message(served_dataset: ServedDataset, tmp_path: Path) -> None:
+    """Every video read fails (a file gone from the Hub, in the loader worker): one paragraph naming the file and
+    the dataset, and how to continue; no traceback."""
+    from conftest import run_cli
+
+    served = served_dataset
+    served.hub.fail_next(n=10**6, status=404, match="/videos/observation")  # gone: not retried
+    result = run_cli(streamed_args(served, tmp_path / "out", "--num_workers", "1", "--steps", "2"), env=served.env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"of the streamed dataset '{served.repo_id}' failed (" in last and "--resume_from_checkpoint" in last

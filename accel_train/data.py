@@ -30,7 +30,7 @@ from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
 from accel_train.mix import DatasetMix, EpisodeOrder, MixedOrder, epoch_counts, source_seed
 from accel_train.sources import DatasetSource
-from accel_train.streaming import StreamedDataset, streamed_metadata
+from accel_train.streaming import StreamedDataset, at_commit, streamed_metadata
 
 EpochOrder = EpisodeOrder | MixedOrder
 
@@ -101,8 +101,8 @@ def load_dataset(
             meta = LeRobotDatasetMetadata(source.repo_id, root=source.root, revision=source.revision)
     except RevisionNotFoundError:
         raise TrainError(
-            f"The dataset '{source.repo_id}' has no revision '{source.revision}' (--dataset.revision): give a branch, "
-            "tag or commit of its Hub repo."
+            f"The dataset '{source.repo_id}' has no revision '{source.revision}' (--dataset.revision, or the commit a "
+            "resumed checkpoint read it at): give a branch, tag or commit of its Hub repo."
         ) from None
     except TrainError:
         raise
@@ -332,14 +332,15 @@ class TrainingData:
     order: EpochOrder
     held_out: list[list[int]]  # per dataset
     frame_cache: str = "off"  # what the decoded-frame cache does for these datasets, for the start-up summary
+    reads: list[DatasetSource] | None = None  # the sources as read: streamed ones at their commit (validation)
 
     @classmethod
-    def load(cls, cfg: TrainConfig, saved: list[dict[str, Any]] | None = None) -> TrainingData:
+    def load(cls, cfg: TrainConfig, reads: list[DatasetSource] | None = None) -> TrainingData:
         """Every rank: the datasets, their frames read from the decoded-frame cache when --frame_cache is on (the
-        first process on a machine fills it, the others wait), their episode splits and the frame order. `saved`:
-        the mix a resumed checkpoint recorded, whose streamed datasets are read at the same commits again."""
+        first process on a machine fills it, the others wait), their episode splits and the frame order. `reads`:
+        the sources as they are read (streamed ones pinned to a commit: `sources_to_read`), default as given."""
         sources = cfg.dataset.sources()
-        reads = at_saved_commits(sources, saved or []) if cfg.dataset.streaming else sources
+        reads = reads or sources
         datasets, caches = open_datasets(reads, cfg, cfg.dataset.image_transforms)
         trained, held_out = split_each(datasets, sources, cfg.val_episodes, cfg.seed)
         dataset = as_one(datasets, sources)
@@ -353,7 +354,7 @@ class TrainingData:
             counts = epoch_counts([len(o) for o in orders], [s.weight for s in sources])
             order = MixedOrder(orders, dataset.offsets[:-1], counts, cfg.seed)
         cache = "; ".join(dict.fromkeys(c.describe() for c in caches))
-        return cls(dataset, datasets, sources, order, held_out, cache)
+        return cls(dataset, datasets, sources, order, held_out, cache, reads)
 
     @property
     def offsets(self) -> list[int]:
@@ -396,6 +397,21 @@ def open_datasets(
     datasets = load_datasets(sources, cfg, image_transforms)
     caches = [frame_cache.attach(d, cfg.frame_cache, cfg.frame_cache_dir, cfg.frame_cache_gb) for d in datasets]
     return datasets, caches
+
+
+def sources_to_read(
+    cfg: TrainConfig, accelerator: Accelerator, saved: list[dict[str, Any]] | None
+) -> list[DatasetSource]:
+    """The run's sources as every process reads them: each streamed one pinned to a commit, the one a resumed
+    checkpoint recorded or the one its revision names now, resolved by the main process for all (a branch that
+    moves during start-up must not split the ranks)."""
+    from accelerate.utils import broadcast_object_list
+
+    sources = cfg.dataset.sources()
+    if not cfg.dataset.streaming:
+        return sources
+    pinned = [at_commit(s) for s in at_saved_commits(sources, saved or [])] if accelerator.is_main_process else None
+    return broadcast_object_list([pinned])[0]
 
 
 def at_saved_commits(sources: list[DatasetSource], saved: list[dict[str, Any]]) -> list[DatasetSource]:

@@ -23,6 +23,7 @@ Streaming needs video cameras (image features live inside the parquet rows) and 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -36,14 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from datasets.table import InMemoryTable
+from datasets.table import InMemoryTable, table_cast
 from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.datasets.dataset_reader import DatasetReader
 from lerobot.datasets.feature_utils import get_hf_features_from_features
 from lerobot.datasets.io_utils import hf_transform_to_torch
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.video_utils import FrameTimestampError
-from lerobot.utils.utils import SuppressProgressBars
 
 from accel_train.errors import TrainError
 from accel_train.sources import DatasetSource
@@ -176,20 +176,14 @@ class StreamedReader(DatasetReader):
         episodes = self.episodes if self.episodes is not None else range(meta.total_episodes)
         paths = sorted({str(meta.get_data_file_path(e)) for e in episodes})
         tables = []
-        for path in paths:
-            try:
-                with self.files.read_whole(path) as file:
-                    tables.append(pq.read_table(file))
-            except Exception as error:
-                raise unreadable(meta.repo_id, path, error) from None
+        for path in paths:  # at start-up: an error here is the dataset's being unreachable (data.load_dataset)
+            with self.files.read_whole(path) as file:
+                tables.append(pq.read_table(file))
         table = pa.concat_tables(tables, promote_options="default")
         if self.episodes is not None:
             table = table.filter(pc.is_in(table["episode_index"], pa.array(self.episodes, table["episode_index"].type)))
         features = get_hf_features_from_features(meta.features)
-        dataset = datasets.Dataset(InMemoryTable(table))
-        if dataset.features != features:
-            with SuppressProgressBars():
-                dataset = dataset.cast(features)
+        dataset = datasets.Dataset(InMemoryTable(table_cast(table, features.arrow_schema)))
         dataset.set_transform(hf_transform_to_torch)
         return dataset
 
@@ -245,13 +239,23 @@ class StreamedDataset(LeRobotDataset):
         self.commit = files.commit  # the Hub commit read; None for a folder read in place
 
 
-def streamed_metadata(source: DatasetSource) -> tuple[LeRobotDatasetMetadata, RemoteFiles]:
-    """The dataset's metadata and where its files are read: the Hub at the commit its revision resolves to now
-    (lerobot's default revision is its codebase version tag), or `source.root` read in place."""
+def at_commit(source: DatasetSource) -> DatasetSource:
+    """The source with its revision resolved to the Hub commit it names now (lerobot's default revision is its
+    codebase version tag), so that every process and every later read see the same files; a local folder, or a
+    revision that cannot be resolved (the load then says why), as it is."""
     if source.root is not None:
-        root = Path(source.root).resolve()
-        meta = LeRobotDatasetMetadata(source.repo_id, root=root)
-        return _streamable(meta), RemoteFiles(str(root))
+        return source
+    try:
+        commit = resolve(source)
+    except Exception:
+        return source
+    if commit != source.revision:
+        log.info("Streaming %s at commit %s (revision %s)", source.repo_id, commit, source.revision or "default")
+    return dataclasses.replace(source, revision=commit)
+
+
+def resolve(source: DatasetSource) -> str:
+    """The commit of the source's Hub revision."""
     from huggingface_hub import HfApi
     from lerobot.datasets.dataset_metadata import CODEBASE_VERSION
     from lerobot.datasets.utils import get_safe_version, is_valid_version
@@ -259,9 +263,20 @@ def streamed_metadata(source: DatasetSource) -> tuple[LeRobotDatasetMetadata, Re
     revision = source.revision or CODEBASE_VERSION
     if is_valid_version(revision):
         revision = get_safe_version(source.repo_id, revision)
-    commit = HfApi().dataset_info(source.repo_id, revision=revision).sha
-    meta = LeRobotDatasetMetadata(source.repo_id, revision=commit)
-    log.info("Streaming %s at commit %s (revision %s)", source.repo_id, commit, revision)
+    return HfApi().dataset_info(source.repo_id, revision=revision).sha
+
+
+def streamed_metadata(source: DatasetSource) -> tuple[LeRobotDatasetMetadata, RemoteFiles]:
+    """The dataset's metadata and where its files are read: the Hub at the commit its revision resolves to, or
+    `source.root` read in place."""
+    if source.root is not None:
+        root = Path(source.root).resolve()
+        meta = LeRobotDatasetMetadata(source.repo_id, root=root)
+        return _streamable(meta), RemoteFiles(str(root))
+    commit = resolve(source)
+    # force_cache_sync: the metadata of that commit, from the Hub's snapshot cache, never a local copy that
+    # happens to lie in HF_LEROBOT_HOME/REPO_ID.
+    meta = LeRobotDatasetMetadata(source.repo_id, revision=commit, force_cache_sync=True)
     return _streamable(meta), RemoteFiles(f"hf://datasets/{source.repo_id}@{commit}", commit)
 
 

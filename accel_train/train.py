@@ -29,7 +29,7 @@ from accel_train import demo_dataset
 from accel_train.checkpoint import TrainerState, export, name_for
 from accel_train.checkpointer import Checkpointer
 from accel_train.config import Every, TrainConfig, config_to_args, kwargs_to_args, print_help
-from accel_train.data import TimedBatches, TrainingData, images_to_float
+from accel_train.data import TimedBatches, TrainingData, images_to_float, sources_to_read
 from accel_train.errors import Preempted, TrainError, UsageError
 from accel_train.hub import HubPusher, write_model_card
 from accel_train.metrics import MetricsLogger, StepWindow, start_trackers
@@ -216,7 +216,8 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, begin: Start) -> Train
     if cfg.demo_dataset and accelerator.is_main_process:
         demo_dataset.ensure(cfg.dataset.root)
     accelerator.wait_for_everyone()
-    return TrainingData.load(cfg, begin.saved.datasets if begin.saved and begin.resume else None)
+    saved = begin.saved.datasets if begin.saved and begin.resume else None
+    return TrainingData.load(cfg, sources_to_read(cfg, accelerator, saved))
 
 
 def make_pusher(cfg: TrainConfig, accelerator: Accelerator) -> HubPusher | None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (one GPU, under 8 minutes on an H200): bf16 and fp16 training on the demo dataset, checkpoint,
 # resume, and the exact-resume comparison (N steps straight vs K steps + resume to N); an FSDP checkpoint (Accelerate,
-# configs/accelerate/fsdp.yaml, one process) resumed without FSDP, against fp32 straight. Writes docs/gpu_check.md.
+# configs/accelerate/fsdp.yaml, one process) resumed without FSDP, against fp32 straight; pi0 trained and resumed in
+# bf16 (tests/test_pi.py, at most 6 minutes). Writes docs/gpu_check.md.
 #   bash scripts/gpu_check.sh            (after `make .venv/.installed` or with the venv carried along)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,12 @@ run fsdp-part1 --output_dir "$work/fsdp-resumed" --steps 37 --save_freq 37
 launcher=("$py")
 run fsdp-part2 --output_dir "$work/fsdp-resumed" --steps 60 --save_freq 60 --resume_from_checkpoint latest
 
+# pi0 (default variants, 4B parameters) in bf16: trains, checkpoints and resumes (tests/test_pi.py; its tokenizer
+# is a stand-in served by the tests' Hub). Bounded so that the rest of the report is always written.
+pi0_status=0
+timeout 360 "$py" -m pytest -m slow tests/test_pi.py -q -s -p no:cacheprovider > "$work/pi0.log" 2>&1 || pi0_status=$?
+echo "$pi0_status" > "$work/pi0.status"
+
 "$py" - "$work" "$report" <<'PY'
 import json, sys
 from pathlib import Path
@@ -60,6 +67,11 @@ diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 ckpt = sorted(p.name for p in (work / "fsdp-resumed" / "checkpoint-37").iterdir())
 lines += ["", f"FSDP (1 process) 37 steps, then resumed without FSDP to 60, vs fp32 straight: max abs weight diff {diff:.3g}; "
           f"FSDP checkpoint files: {', '.join(ckpt)}"]
+status = int((work / "pi0.status").read_text())
+pi0 = [line for line in (work / "pi0.log").read_text().splitlines() if line.startswith("pi0 bf16") or " passed" in line
+       or " failed" in line or " skipped" in line]
+outcome = {0: "passed", 124: "timed out after 360 s"}.get(status, f"failed (exit {status})")
+lines += ["", f"pi0 bf16 train + resume (`pytest -m slow tests/test_pi.py`): {outcome}", *[f"    {line}" for line in pi0]]
 report.write_text("\n".join(lines) + "\n")
 print(report.read_text())
 PY

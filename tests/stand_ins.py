@@ -2,6 +2,7 @@
 
     vlm = smolvlm(tmp / "vlm")                    # for --policy.vlm_model_name=DIR
     policy = smolvla_policy(tmp / "policy", vlm)  # a lerobot pretrained SmolVLA folder, like lerobot/smolvla_base
+    paligemma_tokenizer(tmp / "tok")              # served as google/paligemma-3b-pt-224, for pi0 / pi0.5
 
 Everything is built here, from a fixed seed, without network access: a SmolVLM-architecture config with small
 dimensions and random weights, a tokenizer trained on a few sentences with `tokenizers`, and a SmolVLA policy
@@ -97,6 +98,28 @@ def smolvlm(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     SmolVLMForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+PALIGEMMA = "google/paligemma-3b-pt-224"  # the repo id pi0's and pi0.5's processors load their tokenizer from
+
+
+def paligemma_tokenizer(folder: Path) -> Path:
+    """A tokenizer folder that AutoTokenizer loads in place of PaliGemma's: pi0 and pi0.5 only embed the token
+    ids (a vocabulary of 257152, fixed in code), so any small tokenizer with a pad token stands in."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(
+        SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<bos>", "<eos>"])
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        model_max_length=512,
+    )  # fmt: skip
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -87,8 +87,9 @@ def test_a_streamed_run_is_the_local_run_and_resumes_exactly(
     served_dataset: ServedDataset, straight: Path, tmp_path: Path
 ) -> None:
     """--dataset.streaming=true against the test Hub, with 2 loader workers and augmentation: 10 steps, then a
-    resume to 16 in a fresh process, give the losses and weights of the 16-step run on the local copy (conftest's
-    `straight`, no workers). The checkpoint records the commit read; no data or video file lands on disk."""
+    resume to 16 in a fresh process (after the dataset's tag has moved on), give the losses and weights of the
+    16-step run on the local copy (conftest's `straight`, no workers). The checkpoint records the commit read; no
+    data or video file lands on disk."""
     from conftest import STRAIGHT_STEPS, assert_ok, losses, run_cli, same_weights
 
     served, out = served_dataset, tmp_path / "out"
@@ -99,14 +100,29 @@ def test_a_streamed_run_is_the_local_run_and_resumes_exactly(
     state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
     assert state["datasets"][0]["commit"] == served.revision
 
+    # The dataset moves on: its tag now names a commit whose actions differ. The resume reads the commit its
+    # checkpoint recorded.
+    import pandas as pd
+
+    data = pd.read_parquet(served.root / "data" / "chunk-000" / "file-000.parquet")
+    data["action"] = [action + 1.0 for action in data["action"]]
+    data.to_parquet(tmp_path / "moved.parquet")
+    api = HfApi()
+    moved = api.upload_file(path_or_fileobj=str(tmp_path / "moved.parquet"), repo_id=served.repo_id,
+                            path_in_repo="data/chunk-000/file-000.parquet", repo_type="dataset").oid  # fmt: skip
+    api.delete_tag(served.repo_id, tag="v3.0", repo_type="dataset")
+    api.create_tag(served.repo_id, tag="v3.0", revision=moved, repo_type="dataset")
+
     resume = ["--resume_from_checkpoint", "latest", "--steps", str(STRAIGHT_STEPS)]
     second = run_cli(streamed_args(served, out, *common, *resume), env=served.env)
     assert_ok(second)
+    assert f"at commit {served.revision}, as the checkpoint did" in second.stderr
     assert "no longer bit-identical" not in second.stderr
     assert losses(out) == losses(straight) and len(losses(out)) == STRAIGHT_STEPS
     assert same_weights(out / "model.safetensors", straight / "model.safetensors")
 
-    downloaded = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".parquet")]
+    home = Path(served.env["HF_HOME"])
+    downloaded = [p.relative_to(home) for p in home.rglob("*") if p.suffix in (".mp4", ".parquet")]
     assert all("meta" in p.parts for p in downloaded), downloaded
 
 

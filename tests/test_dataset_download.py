@@ -137,3 +137,32 @@ def test_a_stream_that_cannot_be_read_stops_with_one_message(served_dataset: Ser
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert f"of the streamed dataset '{served.repo_id}' failed (" in last and "--resume_from_checkpoint" in last
+
+
+PIN_ON_EVERY_RANK = """
+import os, sys
+from accelerate import Accelerator
+import accel_train.data as data
+from accel_train.config import parse
+
+if os.environ["RANK"] != "0":  # only the main process may resolve the revision
+    data.at_commit = lambda source: sys.exit("rank %s resolved the revision itself" % os.environ["RANK"])
+accelerator = Accelerator(cpu=True)
+reads = data.sources_to_read(parse(sys.argv[1:]), accelerator, None)
+print("rank", accelerator.process_index, reads[0].revision, flush=True)
+"""
+
+
+def test_every_process_streams_the_commit_the_main_process_resolved(
+    served_dataset: ServedDataset, tmp_path: Path
+) -> None:
+    from conftest import REPO
+    from test_datasets import TORCHRUN
+
+    served, script = served_dataset, tmp_path / "pin.py"
+    script.write_text(PIN_ON_EVERY_RANK)
+    command = [*TORCHRUN, str(script), *streamed_args(served, tmp_path / "out")]
+    result = subprocess.run(command, env=served.env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    assert ranks == [f"rank 0 {served.revision}", f"rank 1 {served.revision}"]

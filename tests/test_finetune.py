@@ -221,22 +221,22 @@ def test_lora_checkpoints_are_small_resume_exactly_on_the_verified_base_and_load
 
 
 def test_lora_on_two_processes_resumes_exactly(trained: Path, tiny_dataset: Path, tmp_path: Path) -> None:
-    """A LoRA fine-tune under torchrun (2 processes, gloo): 4 steps straight == 2 steps + resume to 4, losses and
-    adapters bit-identical; the checkpoint holds the adapters once, not once per process."""
+    """A LoRA fine-tune under torchrun (2 processes, gloo): 4 steps straight, and its checkpoint at step 2 resumed
+    into another output dir to 4, give the same losses and adapters, bit for bit; the checkpoint holds the
+    adapters only."""
     from test_datasets import TORCHRUN
 
     base = pretrained_copy(trained, tmp_path / "base")
-    flags = ["--policy.path", str(base), *LORA, "--batch_size", "4"]
     straight, out = tmp_path / "straight", tmp_path / "out"
-    assert_ok(run_cli(base_args(tiny_dataset, straight, "--steps", "4", *flags), TORCHRUN))
-    assert_ok(run_cli(base_args(tiny_dataset, out, "--steps", "2", *flags), TORCHRUN))
-    resume = ["--steps", "4", "--batch_size", "4", "--resume_from_checkpoint", "latest"]
+    assert_ok(run_cli(base_args(tiny_dataset, straight, "--steps", "4", "--policy.path", str(base), *LORA,
+                                "--batch_size", "4"), TORCHRUN))  # fmt: skip
+    resume = ["--steps", "4", "--batch_size", "4", "--resume_from_checkpoint", str(straight / "checkpoint-2")]
     resumed = run_cli(base_args(tiny_dataset, out, *resume), TORCHRUN)
     assert_ok(resumed)
     assert "2 processes" in resumed.stderr and "no longer bit-identical" not in resumed.stderr
-    assert losses(out) == losses(straight) and len(losses(out)) == 4
+    assert losses(out) == losses(straight)[2:] and len(losses(straight)) == 4
     assert same_weights(out / "adapter_model.safetensors", straight / "adapter_model.safetensors")
-    adapters = load_file(out / "checkpoint-2" / "policy.safetensors")
+    adapters = load_file(straight / "checkpoint-2" / "policy.safetensors")
     assert adapters and all("lora_" in key for key in adapters), sorted(adapters)[:5]
 
 

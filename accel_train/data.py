@@ -354,6 +354,8 @@ class TrainingData:
             counts = epoch_counts([len(o) for o in orders], [s.weight for s in sources])
             order = MixedOrder(orders, dataset.offsets[:-1], counts, cfg.seed)
         cache = "; ".join(dict.fromkeys(c.describe() for c in caches))
+        if cfg.dataset.streaming:
+            cache = "off (a streamed dataset reads byte ranges of its videos)"
         return cls(dataset, datasets, sources, order, held_out, cache, reads)
 
     @property

@@ -50,8 +50,11 @@ from accel_train.sources import DatasetSource
 
 log = logging.getLogger(__name__)
 
-BLOCK_BYTES = 2 * 2**20  # one range request
-BLOCKS_PER_FILE = 8  # a file's block cache, in each loader worker
+# One range request. lerobot encodes a keyframe every 2 frames, so a random sample needs tens of KiB of each camera's
+# file: 256 KiB blocks fetch a quarter of the bytes 2 MiB blocks do for under twice the requests
+# (benchmarks/stream_blocks.py, docs/benchmarks_stream_blocks.md).
+BLOCK_BYTES = 256 * 2**10
+BLOCKS_PER_FILE = 32  # a file's block cache (8 MiB), in each loader worker; the file's header stays among them
 OPEN_FILES = 16  # files kept open in each loader worker (least recently used closed first)
 WHOLE_BLOCK_BYTES = 16 * 2**20  # range requests of a data file read once, at start
 _FORKED = threading.Lock()  # one thread of a forked worker drops the parent's file objects

@@ -27,7 +27,7 @@ from lerobot.transforms import ImageTransforms, ImageTransformsConfig
 
 from accel_train import frame_cache
 from accel_train.config import TrainConfig
-from accel_train.errors import TrainError
+from accel_train.errors import TrainError, first_line
 from accel_train.mix import DatasetMix, EpisodeOrder, MixedOrder, epoch_counts, source_seed
 from accel_train.sources import DatasetSource
 from accel_train.streaming import StreamedDataset, at_commit, streamed_metadata
@@ -107,7 +107,7 @@ def load_dataset(
     except TrainError:
         raise
     except Exception as error:
-        raise DatasetUnreachable(f"{unreachable} ({_first_line(error)}).") from None
+        raise DatasetUnreachable(f"{unreachable} ({first_line(error)}).") from None
     episodes = chosen_episodes(source, meta.total_episodes)
     frames = {
         "episodes": episodes,
@@ -122,12 +122,7 @@ def load_dataset(
             video_backend=choose_video_backend(video_backend), return_uint8=True, **frames,
         )  # fmt: skip
     except Exception as error:
-        raise DatasetUnreachable(f"{unreachable} ({_first_line(error)}).") from None
-
-
-def _first_line(error: Exception) -> str:
-    cause = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+        raise DatasetUnreachable(f"{unreachable} ({first_line(error)}).") from None
 
 
 def chosen_episodes(source: DatasetSource, total: int) -> list[int] | None:
@@ -331,8 +326,8 @@ class TrainingData:
     sources: list[DatasetSource]
     order: EpochOrder
     held_out: list[list[int]]  # per dataset
+    reads: list[DatasetSource]  # the sources as read: streamed ones at their commit (validation reads them too)
     frame_cache: str = "off"  # what the decoded-frame cache does for these datasets, for the start-up summary
-    reads: list[DatasetSource] | None = None  # the sources as read: streamed ones at their commit (validation)
 
     @classmethod
     def load(cls, cfg: TrainConfig, reads: list[DatasetSource] | None = None) -> TrainingData:
@@ -353,10 +348,12 @@ class TrainingData:
             ]
             counts = epoch_counts([len(o) for o in orders], [s.weight for s in sources])
             order = MixedOrder(orders, dataset.offsets[:-1], counts, cfg.seed)
-        cache = "; ".join(dict.fromkeys(c.describe() for c in caches))
-        if cfg.dataset.streaming:
-            cache = "off (a streamed dataset reads byte ranges of its videos)"
-        return cls(dataset, datasets, sources, order, held_out, cache, reads)
+        cache = (
+            "off (a streamed dataset reads byte ranges of its videos)"
+            if cfg.dataset.streaming
+            else "; ".join(dict.fromkeys(c.describe() for c in caches))
+        )
+        return cls(dataset, datasets, sources, order, held_out, reads, cache)
 
     @property
     def offsets(self) -> list[int]:

@@ -9,6 +9,19 @@ class TrainError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = ""):
+        # Raised in a DataLoader worker, it is re-raised in the main process by PyTorch as type(error)(text), the
+        # text being the worker's traceback, whose last line is "module.Class: message": keep the message.
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def first_line(error: Exception) -> str:
+    """An exception as "Type: first line of its message", to quote inside one of ours."""
+    cause = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+
 
 class UsageError(TrainError):
     """A command line or config the parser rejects (unknown flag, bad value): exit status 2, like argparse."""

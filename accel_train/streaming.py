@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import logging
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +46,7 @@ from lerobot.datasets.io_utils import hf_transform_to_torch
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.datasets.video_utils import FrameTimestampError
 
-from accel_train.errors import TrainError
+from accel_train.errors import TrainError, first_line
 from accel_train.sources import DatasetSource
 
 log = logging.getLogger(__name__)
@@ -91,28 +92,24 @@ class RemoteFiles:
                 return self._open[relpath]
             if len(self._open) >= OPEN_FILES:
                 self._open.popitem(last=False)[1].close()
-            file = self._open[relpath] = self._open_file(f"{self.base}/{relpath}")
+            file = self._open[relpath] = _open_file(
+                f"{self.base}/{relpath}", block_size=BLOCK_BYTES, cache_type="blockcache",
+                cache_options={"maxblocks": BLOCKS_PER_FILE},
+            )  # fmt: skip
             return file
 
     def read_whole(self, relpath: str) -> Any:
         """A file read once from start to end (a data file), outside the LRU: closed by the caller."""
-        path = f"{self.base}/{relpath}"
-        if not path.startswith("hf://"):
-            return open(path, "rb")  # noqa: SIM115
-        from huggingface_hub import HfFileSystem
+        return _open_file(f"{self.base}/{relpath}", block_size=WHOLE_BLOCK_BYTES)
 
-        return HfFileSystem().open(path.removeprefix("hf://"), "rb", block_size=WHOLE_BLOCK_BYTES)
 
-    @staticmethod
-    def _open_file(path: str) -> Any:
-        if not path.startswith("hf://"):
-            return open(path, "rb")  # noqa: SIM115 (kept open in the LRU, closed on eviction)
-        from huggingface_hub import HfFileSystem
+def _open_file(path: str, **cache: Any) -> Any:
+    """A local file, or a Hub file (`hf://...`) read in byte ranges with these cache options."""
+    if not path.startswith("hf://"):
+        return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    from huggingface_hub import HfFileSystem
 
-        return HfFileSystem().open(
-            path.removeprefix("hf://"), "rb", block_size=BLOCK_BYTES, cache_type="blockcache",
-            cache_options={"maxblocks": BLOCKS_PER_FILE},
-        )  # fmt: skip
+    return HfFileSystem().open(path.removeprefix("hf://"), "rb", **cache)
 
 
 def decode_frames(file: Any, name: str, timestamps: list[float], tolerance_s: float) -> torch.Tensor:
@@ -144,25 +141,12 @@ def decode_frames(file: Any, name: str, timestamps: list[float], tolerance_s: fl
     return torch.stack([frames[i] for i in nearest])
 
 
-class StreamUnreadable(TrainError):
-    """A streamed file that could not be read (after huggingface_hub's retries of transient errors).
-
-    Raised in a loader worker, PyTorch re-raises it in the main process with the worker's traceback as its
-    message; the message is cut back to this error's own, so that the user sees one paragraph.
-    """
-
-    def __init__(self, message: str):
-        if "Original Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        super().__init__(message)
-
-
-def unreadable(repo_id: str, path: str, error: Exception) -> StreamUnreadable:
-    cause = str(error).splitlines()[0] if str(error) else ""
-    return StreamUnreadable(
-        f"Reading {path} of the streamed dataset '{repo_id}' failed ({type(error).__name__}: {cause}); transient "
-        "errors were retried. The last complete checkpoint is intact: rerun with --resume_from_checkpoint latest "
-        "once the files can be read."
+def unreadable(repo_id: str, path: str, error: Exception) -> TrainError:
+    """A streamed file that could not be read mid-run (after huggingface_hub's retries of transient errors)."""
+    return TrainError(
+        f"Reading {path} of the streamed dataset '{repo_id}' failed ({first_line(error)}); transient errors were "
+        "retried. The last complete checkpoint is intact: rerun with --resume_from_checkpoint latest once the files "
+        "can be read."
     )
 
 
@@ -258,11 +242,14 @@ def at_commit(source: DatasetSource) -> DatasetSource:
 
 
 def resolve(source: DatasetSource) -> str:
-    """The commit of the source's Hub revision."""
+    """The commit of the source's Hub revision; a full commit id is its own (a pinned source is not resolved
+    again by every process: one that does not exist fails when its metadata is fetched)."""
     from huggingface_hub import HfApi
     from lerobot.datasets.dataset_metadata import CODEBASE_VERSION
     from lerobot.datasets.utils import get_safe_version, is_valid_version
 
+    if source.revision and re.fullmatch(r"[0-9a-f]{40}", source.revision):
+        return source.revision
     revision = source.revision or CODEBASE_VERSION
     if is_valid_version(revision):
         revision = get_safe_version(source.repo_id, revision)
@@ -287,11 +274,11 @@ def _streamable(meta: LeRobotDatasetMetadata) -> LeRobotDatasetMetadata:
     """The metadata, or a TrainError naming what a stream cannot read."""
     images = [k for k in meta.camera_keys if k not in meta.video_keys]
     depth = list(meta.depth_keys)
-    if images or depth:
-        what = (f"image features {images} (stored inside its parquet rows)" if images else "") + (
-            " and " if images and depth else "") + (f"depth videos {depth}" if depth else "")  # fmt: skip
+    found = ([f"image features {images} (stored inside its parquet rows)"] if images else []) + (
+        [f"depth videos {depth}"] if depth else [])  # fmt: skip
+    if found:
         raise TrainError(
-            f"--dataset.streaming cannot stream the dataset '{meta.repo_id}': it has {what}; streaming reads RGB "
-            "video cameras. Train from a downloaded copy instead (drop --dataset.streaming)."
+            f"--dataset.streaming cannot stream the dataset '{meta.repo_id}': it has {' and '.join(found)}; "
+            "streaming reads RGB video cameras. Train from a downloaded copy instead (drop --dataset.streaming)."
         )
     return meta

@@ -33,7 +33,7 @@ def make_validator(cfg: TrainConfig, accelerator: Accelerator, data: TrainingDat
     dataset = data.dataset
     if cfg.dataset.image_transforms.enable:
         no_augmentation = dataclasses.replace(cfg.dataset.image_transforms, enable=False)
-        dataset = as_one(open_datasets(data.reads or data.sources, cfg, no_augmentation)[0], data.sources)
+        dataset = as_one(open_datasets(data.reads, cfg, no_augmentation)[0], data.sources)
     frames = held_out_frames(data, cfg.policy, cfg.val_max_samples)
     # Per dataset, in order: the same repo id may appear twice in a mix.
     held_out = ", ".join(f"{s.repo_id} {h}" for s, h in zip(data.sources, data.held_out, strict=True))

@@ -24,7 +24,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # the test Hub speaks plain LFS; huggingface_hub reads this at import
 
 from compare import BATCH, LOG_FREQ, OUR_STEP, alternated, machine, run  # noqa: E402
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, publish_dataset  # noqa: E402
 
 EPISODES = 10
 
@@ -48,10 +48,8 @@ def served(hub: HubServer, root: Path, home: Path) -> tuple[list[str], dict[str,
     flags and environment that stream it from there."""
     from huggingface_hub import HfApi
 
-    api, repo_id = HfApi(endpoint=hub.url, token=hub.token), f"{hub.user}/piper_whole"
-    api.create_repo(repo_id, repo_type="dataset")
-    commit = api.upload_folder(repo_id=repo_id, folder_path=root, repo_type="dataset")
-    api.create_tag(repo_id, tag="v3.0", revision=commit.oid, repo_type="dataset")
+    repo_id = f"{hub.user}/piper_whole"
+    publish_dataset(HfApi(endpoint=hub.url, token=hub.token), repo_id, root)
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(home),
            "HF_LEROBOT_HOME": str(home / "lerobot"), "HF_HUB_DISABLE_XET": "1"}  # fmt: skip
     return [f"--dataset.repo_id={repo_id}", "--dataset.root=null", "--dataset.streaming=true"], env

@@ -25,7 +25,7 @@ PORT = 18767  # huggingface_hub reads HF_ENDPOINT at import: the server's addres
 os.environ.update(HF_HUB_DISABLE_XET="1", HF_ENDPOINT=f"http://127.0.0.1:{PORT}", HF_TOKEN="hf_test_token")
 
 from compare import machine  # noqa: E402
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, publish_dataset  # noqa: E402
 
 from accel_train import streaming  # noqa: E402
 
@@ -85,9 +85,7 @@ def measure(tmp: Path, episodes: int, samples: int) -> dict[tuple[int, int], lis
     results = {}
     defaults = streaming.BLOCK_BYTES, streaming.BLOCKS_PER_FILE
     with HubServer(port=PORT):
-        api = HfApi()
-        api.create_repo("test-user/big", repo_type="dataset")
-        commit = api.upload_folder(repo_id="test-user/big", folder_path=root, repo_type="dataset").oid
+        commit = publish_dataset(HfApi(), "test-user/big", root)
         meta, _ = streaming.streamed_metadata(DatasetSource("test-user/big", revision=commit))
         rng = random.Random(0)
         chosen = [rng.randrange(meta.total_frames) for _ in range(samples)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer
+from hub_server import HubServer, publish_dataset
 
 # Nothing may reach the real Hub: huggingface_hub reads these at import time. Port 9 on the loopback refuses
 # connections at once; the Hub tests point HF_ENDPOINT at their own local server.
@@ -139,11 +139,7 @@ def served_dataset(tiny_dataset: Path, tmp_path: Path) -> Iterator[ServedDataset
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
         patch.setenv("HF_TOKEN", hub.token)
         repo_id = f"{hub.user}/piper_demo"
-        api = huggingface_hub.HfApi()
-        api.create_repo(repo_id, repo_type="dataset")
-        commit = api.upload_folder(repo_id=repo_id, folder_path=tiny_dataset, repo_type="dataset")
-        version = json.loads((tiny_dataset / "meta" / "info.json").read_text())["codebase_version"]
-        api.create_tag(repo_id, tag=version, revision=commit.oid, repo_type="dataset")
+        commit = publish_dataset(huggingface_hub.HfApi(), repo_id, tiny_dataset)
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(home)}
         env["HF_LEROBOT_HOME"] = str(home / "lerobot")
-        yield ServedDataset(hub, repo_id, commit.oid, tiny_dataset, env)
+        yield ServedDataset(hub, repo_id, commit, tiny_dataset, env)

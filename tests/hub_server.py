@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -802,6 +803,18 @@ class HubServer:
         """Every (method, path) received so far (path as sent: URL-quoted, no query), to count uploads etc."""
         with self._api.lock:
             return list(self._api.log)
+
+
+def publish_dataset(api: Any, repo_id: str, folder: Path) -> str:
+    """A LeRobot dataset folder published as lerobot's `push_to_hub` lays it out (without its dataset card, whose
+    YAML huggingface_hub validates on huggingface.co): a dataset repo holding the folder's files at its root, in
+    one commit tagged with meta/info.json's codebase_version, the tag lerobot opens a Hub dataset at. `api` is an
+    HfApi that talks to the server. Returns the commit."""
+    api.create_repo(repo_id, repo_type="dataset")
+    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset").oid
+    version = json.loads((folder / "meta" / "info.json").read_text())["codebase_version"]
+    api.create_tag(repo_id, tag=version, revision=commit, repo_type="dataset")
+    return commit
 
 
 def running_hub() -> Iterator[HubServer]:

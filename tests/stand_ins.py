@@ -12,6 +12,7 @@ saved with lerobot's own `save_pretrained`, processors included. Same arguments,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,10 +37,19 @@ PATCH_SIZE = 16
 SCALE_FACTOR = 2  # pixel shuffle: (64 / 16)^2 / 2^2 = 4 image tokens per camera
 
 
+def bpe(specials: list[str]) -> Any:
+    """A byte-level BPE tokenizer (the `tokenizers` backend) trained on SENTENCES, `specials` first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    return backend
+
+
 def smolvlm(folder: Path, seed: int = 0) -> Path:
     """A SmolVLM-architecture model folder (config, random weights, processor) that AutoConfig,
     AutoProcessor, AutoTokenizer and AutoModelForImageTextToText load offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (
         PreTrainedTokenizerFast,
         SmolVLMConfig,
@@ -49,10 +59,7 @@ def smolvlm(folder: Path, seed: int = 0) -> Path:
         SmolVLMVideoProcessor,
     )
 
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    specials = ["<unk>", "<|im_start|>", "<pad>", *IMAGE_TOKENS.values()]
-    backend.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    backend = bpe(["<unk>", "<|im_start|>", "<pad>", *IMAGE_TOKENS.values()])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
@@ -107,14 +114,9 @@ PALIGEMMA = "google/paligemma-3b-pt-224"  # the repo id pi0's and pi0.5's proces
 def paligemma_tokenizer(folder: Path) -> Path:
     """A tokenizer folder that AutoTokenizer loads in place of PaliGemma's: pi0 and pi0.5 only embed the token
     ids (a vocabulary of 257152, fixed in code), so any small tokenizer with a pad token stands in."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(
-        SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<bos>", "<eos>"])
-    )
+    backend = bpe(["<unk>", "<pad>", "<bos>", "<eos>"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         model_max_length=512,

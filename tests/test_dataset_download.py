@@ -77,10 +77,10 @@ def streamed_args(served: ServedDataset, output_dir: Path, *extra: str) -> list[
     """base_args reading the served dataset from the test Hub, streamed (no root: neither the flag nor the demo
     config's)."""
     from conftest import base_args
+    from test_datasets import without_root
 
-    args = base_args(served.root, output_dir, "--dataset.root=null", *extra)
-    at = args.index("--dataset_root")
-    return [*args[:at], *args[at + 2 :], "--dataset.repo_id", served.repo_id, "--dataset.streaming=true"]
+    args = without_root(base_args(served.root, output_dir, "--dataset.root=null", *extra))
+    return [*args, "--dataset.repo_id", served.repo_id, "--dataset.streaming=true"]
 
 
 def test_a_streamed_run_is_the_local_run_and_resumes_exactly(

@@ -4,7 +4,7 @@ batches pre-loaded (decoded, normalised) into memory, so no data loading and no 
 Also measures what loading costs: the CPU seconds (all threads) spent producing one batch (video decoding,
 collation), the work a trainer's loader workers do on the same cores as the compute.
 
-    python benchmarks/bare_loop.py --dataset_root DIR [--steps 30]
+    python benchmarks/bare_loop.py --dataset_root DIR [--steps 30] [--batch_size N]
                           prints {"samples_per_s": ..., "load_cpu_s_per_batch": ..., "load_s_per_batch": ..., ...}
 """
 
@@ -33,10 +33,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset_root", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch_size", type=int, help="default: the demo config's")
     args = parser.parse_args()
     cfg = config.parse(["--config", str(REPO / "configs" / "demo.yaml"), "--output_dir", "/nonexistent",
                         "--dataset_root", str(args.dataset_root), "--demo_dataset=false"])  # fmt: skip
     cfg.policy.device = "cpu"
+    cfg.batch_size = args.batch_size or cfg.batch_size
     torch.manual_seed(cfg.seed)
     (dataset,) = load_datasets(cfg.dataset.sources(), cfg, cfg.dataset.image_transforms)
     policy = build_policy(cfg, dataset, None)

@@ -19,7 +19,8 @@ At a realistic size, on one GPU (benchmarks/gpu_compare.sh; under 8 minutes on a
 
 Larger cameras on CPU (throughput with and without the cache, lerobot-train, the bare loop only):
 
-    python benchmarks/compare.py --image_size 480 640 --episodes 2 --pairs 2 --steps 40 --out docs/benchmarks_480x640.md
+    python benchmarks/compare.py --image_size 480 640 --episodes 2 --batch_size 2 --pairs 2 --steps 60 \
+        --out docs/benchmarks_480x640.md
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DEMO = REPO / "configs" / "demo.yaml"
-BATCH, LOG_FREQ, WARMUP_LOGS = 8, 10, 2
+LOG_FREQ, WARMUP_LOGS = 10, 2
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Workload:
 
     realistic: bool
     image_size: tuple[int, int] | None = None  # the demo ACT on larger cameras (CPU: throughput only)
+    batch: int = 8
 
     @property
     def size(self) -> tuple[int, int]:
@@ -153,7 +155,7 @@ def ours_command(work: Workload, data: Path, out: Path, steps: int, *extra: str)
     return [
         sys.executable, str(REPO / "accel_train" / "train.py"), "--dataset_id", "local/piper_demo",
         "--dataset_root", str(data), *policy_flags(work), "--output_dir", str(out), "--steps", str(steps),
-        "--save_freq", str(10**6), "--log_freq", str(LOG_FREQ), "--batch_size", str(BATCH),
+        "--save_freq", str(10**6), "--log_freq", str(LOG_FREQ), "--batch_size", str(work.batch),
         "--num_workers", str(work.workers), "--seed", "1000", *extra,
     ]  # fmt: skip
 
@@ -164,15 +166,15 @@ def lerobot_command(work: Workload, data: Path, out: Path, steps: int) -> list[s
     return [
         str(BIN / "lerobot-train"), "--dataset.repo_id=local/piper_demo", f"--dataset.root={data}",
         "--dataset.video_backend=pyav", *policy_flags(work), f"--policy.device={device}", "--policy.push_to_hub=false",
-        f"--batch_size={BATCH}", f"--num_workers={work.workers}", f"--steps={steps}", f"--log_freq={LOG_FREQ}",
+        f"--batch_size={work.batch}", f"--num_workers={work.workers}", f"--steps={steps}", f"--log_freq={LOG_FREQ}",
         "--save_checkpoint=false", "--seed=1000", "--wandb.enable=false", f"--output_dir={out}",
     ]  # fmt: skip
 
 
-def our_data_share(out: Path) -> float:
+def our_data_share(out: Path, batch: int) -> float:
     """Mean share of a step the loop waited for the loader (records after warm-up)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][WARMUP_LOGS:]
-    return statistics.mean(r["data_s"] * r["samples_per_s"] / BATCH for r in records)
+    return statistics.mean(r["data_s"] * r["samples_per_s"] / batch for r in records)
 
 
 def lerobot_data_share(result: Run) -> float:
@@ -196,22 +198,24 @@ def throughput(work: Workload, data: Path, tmp: Path, pairs: int, steps: int) ->
             out = tmp / f"{name}-{pair}"
             if name == "lerobot":
                 result = run(lerobot_command(work, data, out, steps), LEROBOT_STEP, work.env())
-                rows[name].append((result.samples_per_s(BATCH), lerobot_data_share(result), result.peak_rss_mb))
+                rows[name].append((result.samples_per_s(work.batch), lerobot_data_share(result), result.peak_rss_mb))
             else:
                 extra = cache if name == "cached" else []
                 result = run(ours_command(work, data, out, steps, *extra), OUR_STEP, work.env())
-                rows[name].append((result.samples_per_s(BATCH), our_data_share(out), result.peak_rss_mb))
+                share = our_data_share(out, work.batch)
+                rows[name].append((result.samples_per_s(work.batch), share, result.peak_rss_mb))
                 rows["fill_s"] += [float(m[2]) for m in map(FILLED.search, result.lines) if m]
             print(f"pair {pair} {name}: {rows[name][-1][0]:.2f} samples/s", flush=True)
         if not work.realistic:
-            bare_and_inline(data, tmp, pair, steps, rows)
+            bare_and_inline(work, data, tmp, pair, steps, rows)
     return rows
 
 
-def bare_and_inline(data: Path, tmp: Path, pair: int, steps: int, rows: dict) -> None:
+def bare_and_inline(work: Workload, data: Path, tmp: Path, pair: int, steps: int, rows: dict) -> None:
     """The bare loop over pre-loaded batches, and ours loading in the loop (no workers)."""
     bare = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bare_loop.py"), "--dataset_root", str(data), "--steps", "30"],
+        [sys.executable, str(REPO / "benchmarks" / "bare_loop.py"), "--dataset_root", str(data), "--steps", "30",
+         "--batch_size", str(work.batch)],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
     measured = json.loads(bare.stdout.splitlines()[-1])
@@ -219,9 +223,8 @@ def bare_and_inline(data: Path, tmp: Path, pair: int, steps: int, rows: dict) ->
                          measured["load_s_per_batch"]))  # fmt: skip
     print(f"pair {pair} bare loop: {rows['bare'][-1][0]:.2f} samples/s", flush=True)
     # Ours with the loading in the loop (no workers): bare step + loading + whatever the trainer adds.
-    work = Workload(realistic=False)
     inline = run(ours_command(work, data, tmp / f"inline-{pair}", steps // 2, "--num_workers", "0"), OUR_STEP)
-    rows["ours_inline"].append(inline.samples_per_s(BATCH))
+    rows["ours_inline"].append(inline.samples_per_s(work.batch))
     print(f"pair {pair} ours, 0 workers: {rows['ours_inline'][-1]:.2f} samples/s", flush=True)
 
 
@@ -308,6 +311,7 @@ def parse_args() -> argparse.Namespace:
         metavar=("H", "W"),
         help="the demo ACT on cameras of this size (CPU): throughput with and without the cache only",
     )
+    parser.add_argument("--batch_size", type=int, default=8, help="samples per step, every trainer (default 8)")
     parser.add_argument("--episodes", type=int, help="episodes of the demo dataset (default 10; 4 with --realistic)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
@@ -344,22 +348,46 @@ def measure(work: Workload, pairs: int, steps: int, episodes: int | None) -> dic
     return measured
 
 
-def cpu_targets(rows: dict, measured: dict) -> tuple[list[tuple[str, ...]], dict]:
+def cpu_budget(rows: dict, batch: int) -> dict:
+    """What loading costs the compute on these cores, from the bare-loop runs: the loader's work per batch comes
+    out of the same cores the compute uses, so a step can be no faster than bare + load CPU-seconds / cores."""
+    bare_sps = statistics.mean(r[0] for r in rows["bare"])
+    cores = os.cpu_count() or 1
+    load_cpu_s = statistics.mean(r[1] for r in rows["bare"])
+    return {
+        "bare_sps": bare_sps,
+        "bare_step": batch / bare_sps,
+        "load_cpu_s": load_cpu_s,
+        "load_s": statistics.mean(r[3] for r in rows["bare"]),
+        "busy_cores": statistics.mean(r[2] for r in rows["bare"]),
+        "cores": cores,
+        "bound": 1 + load_cpu_s / (cores * batch / bare_sps),
+    }
+
+
+def budget_text(n: dict, batch: int) -> str:
+    return f"""What bounds the overhead ratio here, the CPU budget: producing one batch (decoding 3 videos x {batch}
+frames, collating) costs {n["load_cpu_s"]:.3f} CPU-seconds, measured in the bare-loop process; a bare step takes
+{n["bare_step"]:.3f} s and keeps {n["busy_cores"]:.1f} of the {n["cores"]} cores busy. When the compute keeps every core
+busy, each CPU-second of loading is taken from it, however well loading overlaps compute: a step of bare +
+load / cores, {n["bound"]:.2f}x the bare loop, for any trainer that loads its data on these cores. It is also the
+most a decoded-frame cache can gain over a trainer that decodes on these cores. On a GPU machine the compute leaves
+the CPU and this term goes to zero."""
+
+
+def cpu_targets(rows: dict, measured: dict, batch: int) -> tuple[list[tuple[str, ...]], dict]:
     """The table of targets on CPU, and the numbers the text below it explains."""
     ours_sps, lerobot_sps = (statistics.mean(r[0] for r in rows[k]) for k in ("ours", "lerobot"))
     ratio = ours_sps / lerobot_sps
-    bare_sps = statistics.mean(r[0] for r in rows["bare"])
+    n = cpu_budget(rows, batch)
+    bare_sps, bound = n["bare_sps"], n["bound"]
     overhead = bare_sps / ours_sps  # our step time / bare step time
-    # CPU budget: the loader's work per batch comes out of the same cores the compute uses.
-    cores = os.cpu_count() or 1
-    load_cpu_s = statistics.mean(r[1] for r in rows["bare"])
-    bound = 1 + load_cpu_s / (cores * BATCH / bare_sps)
     (stall_blocked, stall_sync), (fresh, resumed), hub = measured["stall"], measured["startup"], measured["hub"]
     blocked_s, sync_s = statistics.mean(stall_blocked), statistics.mean(stall_sync)
     startup = statistics.mean(resumed) / statistics.mean(fresh)
     pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
     targets = [
-        *cache_targets(rows),
+        *cache_targets(rows, batch),
         ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.1f} vs "
          f"{lerobot_sps:.1f} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
         ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s; "
@@ -371,22 +399,15 @@ def cpu_targets(rows: dict, measured: dict) -> tuple[list[tuple[str, ...]], dict
         ("launch to first step, resume / fresh", "<= 1.2x", f"**{startup:.2f}x** ({statistics.mean(resumed):.1f} s "
          f"vs {statistics.mean(fresh):.1f} s)", verdict(startup, 1.2, False)),
     ]  # fmt: skip
-    numbers = {
-        "bare_sps": bare_sps,
-        "load_cpu_s": load_cpu_s,
-        "bound": bound,
-        "cores": cores,
-        "saves": len(stall_blocked),
-    }
-    return targets, numbers
+    return targets, {**n, "saves": len(stall_blocked)}
 
 
-def cache_targets(rows: dict) -> list[tuple[str, ...]]:
+def cache_targets(rows: dict, batch: int) -> list[tuple[str, ...]]:
     """With the decoded-frame cache: against lerobot-train and the bare loop, and the fill, amortised."""
     cached, ours, lerobot = (statistics.mean(r[0] for r in rows[k]) for k in ("cached", "ours", "lerobot"))
     pairs = ", ".join(f"{c[0] / t[0]:.2f}" for c, t in zip(rows["cached"], rows["lerobot"], strict=True))
     fill_s = sum(rows["fill_s"])
-    saved_per_step = BATCH / ours - BATCH / cached
+    saved_per_step = batch / ours - batch / cached
     amortised = f"{fill_s / saved_per_step:.0f} steps" if saved_per_step > 0 else "never (no step time saved)"
     result = [
         ("throughput with --frame_cache disk, ours / lerobot-train", ">= 1.15x", f"**{cached / lerobot:.2f}x** "
@@ -402,13 +423,12 @@ def cache_targets(rows: dict) -> list[tuple[str, ...]]:
     return result
 
 
-def cpu_report(header: str, rows: dict, measured: dict) -> str:
-    targets, n = cpu_targets(rows, measured)
+def cpu_report(header: str, rows: dict, measured: dict, batch: int) -> str:
+    targets, n = cpu_targets(rows, measured, batch)
     table = "\n".join(f"| {' | '.join(row)} |" for row in targets)
-    busy_cores = statistics.mean(r[2] for r in rows["bare"])
-    bare_step, load_s = BATCH / n["bare_sps"], statistics.mean(r[3] for r in rows["bare"])
+    bare_step, load_s = n["bare_step"], n["load_s"]
     inline_sps = statistics.mean(rows["ours_inline"])
-    own = (BATCH / inline_sps - bare_step - load_s) / bare_step  # what the trainer adds beyond compute and loading
+    own = (batch / inline_sps - bare_step - load_s) / bare_step  # what the trainer adds beyond compute and loading
     return f"""# Benchmarks
 
 {header}
@@ -424,15 +444,10 @@ def cpu_report(header: str, rows: dict, measured: dict) -> str:
 {NOTES} Checkpoint: {n["saves"]} runs of each kind, 5 saves each, ~130 MB
 checkpoints. Resume start-up: from process launch to the first step's log line, Python and torch imports included.
 
-What bounds the overhead ratio here, the CPU budget: producing one batch (decoding 3 videos x {BATCH} frames,
-collating) costs {n["load_cpu_s"]:.3f} CPU-seconds, measured in the bare-loop process; a bare step takes
-{bare_step:.3f} s and keeps {busy_cores:.1f} of the {n["cores"]} cores busy. When the compute keeps every core
-busy, each CPU-second of loading is taken from it, however well loading overlaps compute: a step of bare +
-load / cores, {n["bound"]:.2f}x the bare loop, for any trainer that loads its data on these cores. On a GPU machine
-the compute leaves the CPU and this term goes to zero.
+{budget_text(n, batch)}
 
 The trainer's own share, without workers: ours with `--num_workers 0` ({inline_sps:.1f}
-samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {BATCH / inline_sps:.3f} s a step, against
+samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {batch / inline_sps:.3f} s a step, against
 {bare_step:.3f} s of bare step plus {load_s:.3f} s loading one batch in the same process: the trainer itself
 (seeding, moving and normalising the batch, clipping, logging, tqdm) adds **{own:+.0%}** of a bare step.
 """
@@ -441,8 +456,9 @@ samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {BAT
 def realistic_report(header: str, rows: dict, work: Workload) -> str:
     """Throughput with and without the decoded-frame cache, against lerobot-train (and on CPU the bare loop)."""
     ours_sps, lerobot_sps = (statistics.mean(r[0] for r in rows[k]) for k in ("ours", "lerobot"))
-    table = "\n".join(f"| {' | '.join(row)} |" for row in cache_targets(rows))
+    table = "\n".join(f"| {' | '.join(row)} |" for row in cache_targets(rows, work.batch))
     title = "at a realistic size (GPU)" if work.realistic else f"with {work.size[0]}x{work.size[1]} cameras (CPU)"
+    budget = f"\n{budget_text(cpu_budget(rows, work.batch), work.batch)}\n" if rows["bare"] else ""
     return f"""# Benchmarks {title}
 
 {header}
@@ -457,31 +473,32 @@ samples/s).
 {breakdown(rows)}
 
 {NOTES}
-"""
+{budget}"""
 
 
 def main() -> None:
     args = parse_args()
-    work = Workload(args.realistic, tuple(args.image_size) if args.image_size else None)
+    work = Workload(args.realistic, tuple(args.image_size) if args.image_size else None, args.batch_size)
     started = time.time()
     measured = measure(work, args.pairs, args.steps, args.episodes)
     options = (
         ("--realistic " if work.realistic else "")
         + (f"--image_size {args.image_size[0]} {args.image_size[1]} " if args.image_size else "")
         + (f"--episodes {args.episodes} " if args.episodes else "")
+        + (f"--batch_size {args.batch_size} " if args.batch_size != 8 else "")
     )
     command = f"python benchmarks/compare.py {options}--pairs {args.pairs} --steps {args.steps}"
     header = f"""Written by `{command}` on {time.strftime("%Y-%m-%d", time.gmtime(started))} \
 ({(time.time() - started) / 60:.0f} min).
 Machine: {machine()}.
 Workload: {work.describe()}; the demo dataset's synthetic Piper episodes (AV1 video, PyAV decoding), batch
-{BATCH}, {work.workers} loader workers, {args.steps} steps. Every ratio compares runs made alternately in this one
+{work.batch}, {work.workers} loader workers, {args.steps} steps. Every ratio compares runs made alternately in this one
 command."""
     rows = measured["rows"]
     if work.throughput_only:
         text = realistic_report(header, rows, work)
     else:
-        text = cpu_report(header, rows, measured)
+        text = cpu_report(header, rows, measured, work.batch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

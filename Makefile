@@ -24,9 +24,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) accel_train/train.py --config configs/demo.yaml --output_dir $(DEMO_OUT) --resume_from_checkpoint latest
 
-# The tests also train the policies that need lerobot's extras (Diffusion, SmolVLA, LoRA).
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[test,diffusion,smolvla,peft]'
+# The tests also train the policies that need lerobot's extras (Diffusion, SmolVLA, the pi0 family, LoRA).
+$(VENV)/.installed-test: $(VENV)/.installed Makefile
+	$(PY) -m pip install --quiet -e '.[test,diffusion,smolvla,pi,peft]'
 	touch $@
 
 test: $(VENV)/.installed-test

@@ -286,11 +286,11 @@ def breakdown(rows: dict) -> str:
     for name, label in (("ours", "ours"), ("cached", "ours, --frame_cache disk"), ("lerobot", "lerobot-train")):
         runs = rows[name]
         lines.append(
-            f"| {label} | {', '.join(f'{r[0]:.1f}' for r in runs)} | {statistics.mean(r[1] for r in runs):.0%} "
+            f"| {label} | {', '.join(f'{r[0]:.3g}' for r in runs)} | {statistics.mean(r[1] for r in runs):.0%} "
             f"| {max(r[2] for r in runs):.0f} MiB |"
         )
     if rows["bare"]:
-        lines.append(f"| bare loop (pre-loaded batches) | {', '.join(f'{r[0]:.1f}' for r in rows['bare'])} | 0% | |")
+        lines.append(f"| bare loop (pre-loaded batches) | {', '.join(f'{r[0]:.3g}' for r in rows['bare'])} | 0% | |")
     return "\n".join(lines)
 
 
@@ -388,9 +388,9 @@ def cpu_targets(rows: dict, measured: dict, batch: int) -> tuple[list[tuple[str,
     pair_ratios = ", ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(rows["ours"], rows["lerobot"], strict=True))
     targets = [
         *cache_targets(rows, batch),
-        ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.1f} vs "
-         f"{lerobot_sps:.1f} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
-        ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.1f} samples/s; "
+        ("throughput, ours / lerobot-train 0.6.1", ">= 1.0x", f"**{ratio:.2f}x** ({ours_sps:.3g} vs "
+         f"{lerobot_sps:.3g} samples/s; pairs: {pair_ratios})", verdict(ratio, 1.0, True)),
+        ("step time, ours / bare loop", "<= 1.10x", f"**{overhead:.2f}x** (bare loop {bare_sps:.3g} samples/s; "
          f"CPU budget alone: {bound:.2f}x, see below)", verdict(overhead, 1.10, False)),
         ("blocked per checkpoint / synchronous save", "<= 25%", f"**{blocked_s / sync_s:.0%}** ({blocked_s:.3f} s vs "
          f"{sync_s:.3f} s)", verdict(blocked_s / sync_s, 0.25, False)),
@@ -411,14 +411,14 @@ def cache_targets(rows: dict, batch: int) -> list[tuple[str, ...]]:
     amortised = f"{fill_s / saved_per_step:.0f} steps" if saved_per_step > 0 else "never (no step time saved)"
     result = [
         ("throughput with --frame_cache disk, ours / lerobot-train", ">= 1.15x", f"**{cached / lerobot:.2f}x** "
-         f"({cached:.1f} vs {lerobot:.1f} samples/s; pairs: {pairs}; without the cache {ours / lerobot:.2f}x)",
+         f"({cached:.3g} vs {lerobot:.3g} samples/s; pairs: {pairs}; without the cache {ours / lerobot:.2f}x)",
          verdict(cached / lerobot, 1.15, True)),
         ("fill of the cache (once per machine and dataset)", "", f"{fill_s:.1f} s, repaid after {amortised}", ""),
     ]  # fmt: skip
     if rows["bare"]:
         bare = statistics.mean(r[0] for r in rows["bare"])
         result.insert(1, ("step time with --frame_cache disk, ours / bare loop", "<= 1.08x",
-                          f"**{bare / cached:.2f}x** (bare loop {bare:.1f} samples/s, pre-loaded batches)",
+                          f"**{bare / cached:.2f}x** (bare loop {bare:.3g} samples/s, pre-loaded batches)",
                           verdict(bare / cached, 1.08, False)))  # fmt: skip
     return result
 
@@ -446,8 +446,8 @@ checkpoints. Resume start-up: from process launch to the first step's log line, 
 
 {budget_text(n, batch)}
 
-The trainer's own share, without workers: ours with `--num_workers 0` ({inline_sps:.1f}
-samples/s; runs {", ".join(f"{r:.1f}" for r in rows["ours_inline"])}) takes {batch / inline_sps:.3f} s a step, against
+The trainer's own share, without workers: ours with `--num_workers 0` ({inline_sps:.3g}
+samples/s; runs {", ".join(f"{r:.3g}" for r in rows["ours_inline"])}) takes {batch / inline_sps:.3f} s a step, against
 {bare_step:.3f} s of bare step plus {load_s:.3f} s loading one batch in the same process: the trainer itself
 (seeding, moving and normalising the batch, clipping, logging, tqdm) adds **{own:+.0%}** of a bare step.
 """
@@ -463,7 +463,7 @@ def realistic_report(header: str, rows: dict, work: Workload) -> str:
 
 {header}
 
-Throughput, ours / lerobot-train 0.6.1: **{ours_sps / lerobot_sps:.2f}x** ({ours_sps:.1f} vs {lerobot_sps:.1f}
+Throughput, ours / lerobot-train 0.6.1: **{ours_sps / lerobot_sps:.2f}x** ({ours_sps:.3g} vs {lerobot_sps:.3g}
 samples/s).
 
 | measure | target | measured | |

@@ -2,7 +2,8 @@
 
     vlm = smolvlm(tmp / "vlm")                    # for --policy.vlm_model_name=DIR
     policy = smolvla_policy(tmp / "policy", vlm)  # a lerobot pretrained SmolVLA folder, like lerobot/smolvla_base
-    paligemma_tokenizer(tmp / "tok")              # served as google/paligemma-3b-pt-224, for pi0 / pi0.5
+    paligemma_tokenizer(tmp / "tok")              # served as google/paligemma-3b-pt-224, for the pi0 family
+    fast_tokenizer(tmp / "fast")                  # served as lerobot/fast-action-tokenizer, for pi0-fast
 
 Everything is built here, from a fixed seed, without network access: a SmolVLM-architecture config with small
 dimensions and random weights, a tokenizer trained on a few sentences with `tokenizers`, and a SmolVLA policy
@@ -37,13 +38,16 @@ PATCH_SIZE = 16
 SCALE_FACTOR = 2  # pixel shuffle: (64 / 16)^2 / 2^2 = 4 image tokens per camera
 
 
-def bpe(specials: list[str]) -> Any:
-    """A byte-level BPE tokenizer (the `tokenizers` backend) trained on SENTENCES, `specials` first."""
+def bpe(specials: list[str], vocab_size: int = 300, every_byte: bool = False) -> Any:
+    """A byte-level BPE tokenizer (the `tokenizers` backend) trained on SENTENCES, `specials` first; with
+    `every_byte`, all 256 bytes are in its vocabulary, so any text encodes without <unk>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if every_byte else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+    backend.train_from_iterator(SENTENCES, trainer)
     return backend
 
 
@@ -108,20 +112,53 @@ def smolvlm(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-PALIGEMMA = "google/paligemma-3b-pt-224"  # the repo id pi0's and pi0.5's processors load their tokenizer from
+PALIGEMMA = "google/paligemma-3b-pt-224"  # the repo id the pi0 family's processors load their tokenizer from
+PALIGEMMA_VOCABULARY = 1024  # tests/pi_stand_in.py's models embed this many tokens
+FAST = "lerobot/fast-action-tokenizer"  # pi0-fast's default --policy.action_tokenizer_name
+FAST_VOCABULARY = 512
+# The FAST action tokenizer is remote code in its Hub repo; lerobot ships the same processor class.
+FAST_CODE = "from lerobot.policies.molmoact2.molmoact2_hf_model.action_tokenizer import UniversalActionProcessor\n"
 
 
 def paligemma_tokenizer(folder: Path) -> Path:
-    """A tokenizer folder that AutoTokenizer loads in place of PaliGemma's: pi0 and pi0.5 only embed the token
-    ids (a vocabulary of 257152, fixed in code), so any small tokenizer with a pad token stands in."""
+    """A tokenizer folder that AutoTokenizer loads in place of PaliGemma's: pi0 and pi0.5 embed its ids, pi0-fast
+    also encodes its prompts ("Task: ..., State: 12 200 ...;", "Action: ", "|") and writes FAST action tokens as the
+    last ids of its vocabulary below 128 skipped ones. As in real PaliGemma, whose vocabulary ends with 1024 <loc>
+    and 128 <seg> tokens, those ids are not text: trained on a few sentences (every byte in it), then filled with
+    <loc> tokens to PALIGEMMA_VOCABULARY."""
+    import json
+
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    backend = bpe(["<unk>", "<pad>", "<bos>", "<eos>"])
+    text_vocabulary = PALIGEMMA_VOCABULARY - 128 - FAST_VOCABULARY - 1  # below pi0-fast's action token ids
+    spec = json.loads(bpe(["<unk>", "<pad>", "<bos>", "<eos>"], text_vocabulary, every_byte=True).to_str())
+    vocabulary = spec["model"]["vocab"]
+    vocabulary.update({f"<loc{i:04d}>": i for i in range(len(vocabulary), PALIGEMMA_VOCABULARY)})
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-        model_max_length=512,
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>", pad_token="<pad>",
+        bos_token="<bos>", eos_token="<eos>", model_max_length=512,
     )  # fmt: skip
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def fast_tokenizer(folder: Path, seed: int = 0) -> Path:
+    """A folder that AutoProcessor loads with trust_remote_code in place of the FAST action tokenizer: lerobot's
+    copy of its processor class, its BPE fitted (FAST's own `fit`) on random-walk action chunks shaped like
+    normalised demo actions (50 steps x 7 joints)."""
+    import json
+
+    import numpy as np
+    from lerobot.policies.molmoact2.molmoact2_hf_model.action_tokenizer import UniversalActionProcessor
+
+    walks = np.random.default_rng(seed).normal(0, 0.2, (64, 50, 7)).cumsum(axis=1)
+    UniversalActionProcessor.fit(list(walks), vocab_size=FAST_VOCABULARY).save_pretrained(folder)
+    (folder / "processing_fast.py").write_text(FAST_CODE)
+    config_file = folder / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoProcessor": "processing_fast.UniversalActionProcessor"}
+    config_file.write_text(json.dumps(config, indent=2))
     return folder
 
 

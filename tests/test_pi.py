@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,45 +78,19 @@ def test_pi_trains_and_resumes_exactly_at_stand_in_sizes(
 
 def test_pi0_lora_on_its_default_targets(pi_tokenizers: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
     """A stand-in pi0, saved by a run, fine-tuned with `--policy.path` and LoRA on lerobot's default pi0 targets (the
-    expert's attention and the action and state projections): the checkpoint holds adapters only, and a resume
-    continues bit-identically."""
-    pretrained = tmp_path / "pretrained"
+    expert's attention and the action and state projections): the checkpoint holds those adapters only. (A LoRA
+    resume is the same code for every policy: test_finetune.py resumes ACT's and SmolVLA's exactly.)"""
+    pretrained, tuned = tmp_path / "pretrained", tmp_path / "tuned"
     assert_ok(run_cli(pi_args(tiny_dataset, pretrained, "--policy.type", "pi0", "--steps", "1"), STAND_IN_SIZES,
                       env=pi_tokenizers))  # fmt: skip
     base = pretrained_copy(pretrained, tmp_path / "base")
-    lora = ["--policy.path", str(base), "--peft.method_type=LORA", "--peft.r=4"]
-    straight, out = straight_and_resumed(tiny_dataset, tmp_path, pi_tokenizers, *lora)
-    assert same_weights(out / "adapter_model.safetensors", straight / "adapter_model.safetensors")
-    adapters = load_file(straight / "checkpoint-2" / "policy.safetensors")
+    lora = ["--policy.path", str(base), "--peft.method_type=LORA", "--peft.r=4", "--steps", "2"]
+    assert_ok(run_cli(pi_args(tiny_dataset, tuned, *lora), STAND_IN_SIZES, env=pi_tokenizers))
+    adapters = load_file(tuned / "checkpoint-2" / "policy.safetensors")
     assert adapters and all("lora_" in key for key in adapters), sorted(adapters)[:5]
-    assert any("gemma_expert" in key for key in adapters) and any("action_in_proj" in key for key in adapters)
-
-
-PROCESS_ONE_FRAME = """
-import sys
-from lerobot.datasets.lerobot_dataset import LeRobotDataset
-from lerobot.policies import make_pre_post_processors
-from lerobot.policies.pi0.configuration_pi0 import PI0Config
-from lerobot.utils.feature_utils import dataset_to_policy_features
-
-dataset = LeRobotDataset("local/piper_demo", root=sys.argv[1], video_backend="pyav")
-features = dataset_to_policy_features(dataset.meta.features)
-config = PI0Config(device="cpu")
-config.output_features = {k: f for k, f in features.items() if k == "action"}
-config.input_features = {k: f for k, f in features.items() if k != "action"}
-preprocessor, _ = make_pre_post_processors(config, dataset_stats=dataset.meta.stats)
-batch = preprocessor(dataset[0])
-tokens, mask = batch["observation.language.tokens"], batch["observation.language.attention_mask"]
-print(*tokens.shape, int(mask.sum()), int(tokens.max()))
-"""
-
-
-def test_pi0_processors_tokenize_with_the_served_stand_in(pi_tokenizers: dict[str, str], tiny_dataset: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", PROCESS_ONE_FRAME, str(tiny_dataset)], env=pi_tokenizers,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    batch, length, used, largest = map(int, result.stdout.split())
-    assert (batch, length) == (1, 48) and 0 < used < 48 and largest < 257152  # padded to pi0's 48; ids it embeds
+    targets = ("gemma_expert", "q_proj", "v_proj", "state_proj", "action_in_proj", "action_out_proj", "action_time")
+    assert all(any(target in key for key in adapters) for target in targets), sorted(adapters)
+    assert (tuned / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ POSTPROCESSOR_FILE = "postprocessor_config.json"
 CHECKPOINT_PROCESSORS = (PREPROCESSOR_FILE, POSTPROCESSOR_FILE)
 # lerobot's names, in a pretrained policy's folder
 PRETRAINED_PROCESSORS = ("policy_preprocessor.json", "policy_postprocessor.json")
+PRETRAINED_WEIGHTS = "model.safetensors"
 # Policy type -> the extra of pyproject.toml that installs its dependencies (others: `all`).
 POLICY_EXTRAS = {"diffusion": "diffusion", "smolvla": "smolvla", "pi0": "pi", "pi05": "pi", "pi0_fast": "pi"}
 
@@ -37,7 +38,7 @@ def build_policy(cfg: TrainConfig, dataset: LeRobotDataset, pretrained: Path | N
     # run adds its adapters itself (wrap_with_adapters), on the base from `pretrained`.
     cfg.policy.pretrained_path, cfg.policy.use_peft = pretrained, False
     try:
-        return make_policy(cfg.policy, ds_meta=dataset.meta, rename_map=cfg.rename_map)
+        policy = make_policy(cfg.policy, ds_meta=dataset.meta, rename_map=cfg.rename_map)
     except ImportError as error:
         extra = POLICY_EXTRAS.get(cfg.policy.type, "all")
         raise TrainError(
@@ -49,6 +50,35 @@ def build_policy(cfg: TrainConfig, dataset: LeRobotDataset, pretrained: Path | N
         raise TrainError(f"Could not build a '{cfg.policy.type}' policy: {error}") from None
     finally:
         cfg.policy.pretrained_path = None  # the run's config names the weights by base_policy, not by this folder
+    if pretrained is not None:
+        check_loaded(policy, pretrained / PRETRAINED_WEIGHTS, cfg.policy.type)
+    return policy
+
+
+def check_loaded(policy: PreTrainedPolicy, weights: Path, policy_type: str) -> None:
+    """The pretrained weights are in the policy: every tensor that the file and the policy both name holds the
+    same values (its first row, cast to the policy's dtype). lerobot's pi0-family loaders catch their own load
+    errors, print a warning and return the randomly initialised model; a fine-tune must not start from random
+    weights unnoticed. Reads a row per tensor through a memory map: cheap for a 4B-parameter file."""
+    from safetensors import safe_open
+
+    state = policy.state_dict()
+    with safe_open(weights, framework="pt") as saved:
+        shared = [key for key in saved.keys() if key in state]  # noqa: SIM118 (safe_open is not a mapping)
+        for key in shared:
+            mine, theirs = state[key], saved.get_slice(key)
+            shape = tuple(theirs.get_shape())
+            same = shape == tuple(mine.shape) and (not shape or torch.equal(mine[:1].cpu(), theirs[:1].to(mine.dtype)))
+            if not same:
+                raise TrainError(
+                    f"The weights in {weights} did not load into the {policy_type} policy: {key} is "
+                    f"{list(shape)} there, and the policy's {list(mine.shape)} holds other values. lerobot's loader "
+                    "for this policy falls back to random weights when loading fails (its message is above). Check "
+                    "that --policy.* overrides do not change the model's sizes, and that the folder or repo holds "
+                    f"a {policy_type} policy saved by lerobot."
+                )
+    if not shared:
+        log.warning("Could not check that %s loaded: none of its tensor names are the policy's.", weights)
 
 
 def wrap_with_adapters(policy: PreTrainedPolicy, cfg: TrainConfig) -> torch.nn.Module:

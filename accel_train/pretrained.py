@@ -25,11 +25,11 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from accel_train.checkpoint import sha256
 from accel_train.config import BasePolicy
 from accel_train.errors import TrainError
+from accel_train.model import PRETRAINED_WEIGHTS as WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 # What a fine-tune needs from a pretrained repo: the config, weights and processors (not READMEs, not other files).
 FILES = [CONFIG_FILE, WEIGHTS_FILE, "policy_*processor*.json", "policy_*processor*.safetensors"]
 

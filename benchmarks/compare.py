@@ -212,7 +212,7 @@ def throughput(work: Workload, data: Path, tmp: Path, pairs: int, steps: int) ->
 
 
 def bare_and_inline(work: Workload, data: Path, tmp: Path, pair: int, steps: int, rows: dict) -> None:
-    """The bare loop over pre-loaded batches, and ours loading in the loop (no workers)."""
+    """The bare loop over pre-loaded batches, and for the full CPU report ours loading in the loop (no workers)."""
     bare = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bare_loop.py"), "--dataset_root", str(data), "--steps", "30",
          "--batch_size", str(work.batch)],
@@ -222,6 +222,8 @@ def bare_and_inline(work: Workload, data: Path, tmp: Path, pair: int, steps: int
     rows["bare"].append((measured["samples_per_s"], measured["load_cpu_s_per_batch"], measured["busy_cores"],
                          measured["load_s_per_batch"]))  # fmt: skip
     print(f"pair {pair} bare loop: {rows['bare'][-1][0]:.2f} samples/s", flush=True)
+    if work.throughput_only:
+        return
     # Ours with the loading in the loop (no workers): bare step + loading + whatever the trainer adds.
     inline = run(ours_command(work, data, tmp / f"inline-{pair}", steps // 2, "--num_workers", "0"), OUR_STEP)
     rows["ours_inline"].append(inline.samples_per_s(work.batch))
@@ -311,12 +313,16 @@ def parse_args() -> argparse.Namespace:
         metavar=("H", "W"),
         help="the demo ACT on cameras of this size (CPU): throughput with and without the cache only",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="samples per step, every trainer (default 8)")
+    parser.add_argument("--batch_size", type=int, default=8, help="samples per step of the throughput runs, with "
+                        "--image_size or --realistic (default 8)")  # fmt: skip
     parser.add_argument("--episodes", type=int, help="episodes of the demo dataset (default 10; 4 with --realistic)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     # The run without workers trains steps // 2 steps and needs one log window past the warm-up ones.
     min_steps = 2 * LOG_FREQ * (WARMUP_LOGS + 1)
+    if args.batch_size != 8 and not (args.image_size or args.realistic):
+        parser.error("--batch_size goes with --image_size or --realistic: the full CPU report's checkpoint, resume "
+                     "and upload measurements use the demo config's batch of 8")  # fmt: skip
     if args.pairs < 1:
         parser.error("--pairs must be at least 1 (each pair runs every trainer once)")
     if args.steps < min_steps:
@@ -370,9 +376,8 @@ def budget_text(n: dict, batch: int) -> str:
 frames, collating) costs {n["load_cpu_s"]:.3f} CPU-seconds, measured in the bare-loop process; a bare step takes
 {n["bare_step"]:.3f} s and keeps {n["busy_cores"]:.1f} of the {n["cores"]} cores busy. When the compute keeps every core
 busy, each CPU-second of loading is taken from it, however well loading overlaps compute: a step of bare +
-load / cores, {n["bound"]:.2f}x the bare loop, for any trainer that loads its data on these cores. It is also the
-most a decoded-frame cache can gain over a trainer that decodes on these cores. On a GPU machine the compute leaves
-the CPU and this term goes to zero."""
+load / cores, {n["bound"]:.2f}x the bare loop, for any trainer that loads its data on these cores. On a GPU machine
+the compute leaves the CPU and this term goes to zero."""
 
 
 def cpu_targets(rows: dict, measured: dict, batch: int) -> tuple[list[tuple[str, ...]], dict]:

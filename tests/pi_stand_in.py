@@ -10,7 +10,9 @@ targets, save_pretrained and from_pretrained.
 
     python tests/pi_stand_in.py accel_train/train.py --policy.type=pi0 ...
 
-A model saved under it loads only under it, with the same sizes.
+A model saved under it fits only under it: elsewhere lerobot's pi0 loaders fall back to random weights (with a
+printed warning), which accel-train refuses. Before running the script it builds each module's model on the meta
+device and stops if the sizes did not apply (if lerobot built its models some other way, say).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import runpy
 import sys
 from typing import Any
 
+import torch
 from lerobot.policies.pi0 import modeling_pi0
 from lerobot.policies.pi0_fast import modeling_pi0_fast
 from lerobot.policies.pi05 import modeling_pi05
@@ -59,8 +62,23 @@ def shrink(module: Any) -> None:
         module.PiGemmaForCausalLM = expert
 
 
+def check_shrunk(module: Any) -> None:
+    """Build the module's PaliGemma (with its expert) on the meta device, as its policy does: stand-in sized."""
+    with torch.device("meta"):
+        if hasattr(module, "PaliGemmaWithExpertModel"):
+            model = module.PaliGemmaWithExpertModel(
+                module.get_gemma_config("gemma_2b"), module.get_gemma_config("gemma_300m"), precision="float32"
+            )
+        else:
+            model = module.PI0FastPaliGemma(module.get_gemma_config("gemma_2b"), precision="float32")
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters > 10**6:
+        raise SystemExit(f"{module.__name__}: the stand-in sizes did not apply ({parameters:,} parameters)")
+
+
 if __name__ == "__main__":
     for modeling in (modeling_pi0, modeling_pi05, modeling_pi0_fast):
         shrink(modeling)
+        check_shrunk(modeling)
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name="__main__")

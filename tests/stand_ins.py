@@ -123,15 +123,16 @@ FAST_CODE = "from lerobot.policies.molmoact2.molmoact2_hf_model.action_tokenizer
 def paligemma_tokenizer(folder: Path) -> Path:
     """A tokenizer folder that AutoTokenizer loads in place of PaliGemma's: pi0 and pi0.5 embed its ids, pi0-fast
     also encodes its prompts ("Task: ..., State: 12 200 ...;", "Action: ", "|") and writes FAST action tokens as the
-    last ids of its vocabulary below 128 skipped ones. As in real PaliGemma, whose vocabulary ends with 1024 <loc>
-    and 128 <seg> tokens, those ids are not text: trained on a few sentences (every byte in it), then filled with
-    <loc> tokens to PALIGEMMA_VOCABULARY."""
+    last ids of its vocabulary below the skipped ones (real PaliGemma's vocabulary ends with 1024 <loc> and 128
+    <seg> tokens). Trained on a few sentences, every byte in it, then filled with <loc> tokens to
+    PALIGEMMA_VOCABULARY, so that here the action ids land on <loc> tokens, never on text."""
     import json
 
+    from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    text_vocabulary = PALIGEMMA_VOCABULARY - 128 - FAST_VOCABULARY - 1  # below pi0-fast's action token ids
+    text_vocabulary = PALIGEMMA_VOCABULARY - PI0FastConfig.fast_skip_tokens - FAST_VOCABULARY - 1  # below FAST's
     spec = json.loads(bpe(["<unk>", "<pad>", "<bos>", "<eos>"], text_vocabulary, every_byte=True).to_str())
     vocabulary = spec["model"]["vocab"]
     vocabulary.update({f"<loc{i:04d}>": i for i in range(len(vocabulary), PALIGEMMA_VOCABULARY)})
@@ -153,7 +154,9 @@ def fast_tokenizer(folder: Path, seed: int = 0) -> Path:
     from lerobot.policies.molmoact2.molmoact2_hf_model.action_tokenizer import UniversalActionProcessor
 
     walks = np.random.default_rng(seed).normal(0, 0.2, (64, 50, 7)).cumsum(axis=1)
-    UniversalActionProcessor.fit(list(walks), vocab_size=FAST_VOCABULARY).save_pretrained(folder)
+    processor = UniversalActionProcessor.fit(list(walks), vocab_size=FAST_VOCABULARY)
+    assert len(processor.bpe_tokenizer) <= FAST_VOCABULARY  # its ids stay in paligemma_tokenizer's <loc> range
+    processor.save_pretrained(folder)
     (folder / "processing_fast.py").write_text(FAST_CODE)
     config_file = folder / "processor_config.json"
     config = json.loads(config_file.read_text())

@@ -67,16 +67,19 @@ def check_loaded(policy: PreTrainedPolicy, weights: Path, policy_type: str) -> N
         shared = [key for key in saved.keys() if key in state]  # noqa: SIM118 (safe_open is not a mapping)
         for key in shared:
             mine, theirs = state[key], saved.get_slice(key)
-            shape = tuple(theirs.get_shape())
-            same = shape == tuple(mine.shape) and (not shape or torch.equal(mine[:1].cpu(), theirs[:1].to(mine.dtype)))
-            if not same:
-                raise TrainError(
-                    f"The weights in {weights} did not load into the {policy_type} policy: {key} is "
-                    f"{list(shape)} there, and the policy's {list(mine.shape)} holds other values. lerobot's loader "
-                    "for this policy falls back to random weights when loading fails (its message is above). Check "
-                    "that --policy.* overrides do not change the model's sizes, and that the folder or repo holds "
-                    f"a {policy_type} policy saved by lerobot."
-                )
+            shape = list(theirs.get_shape())
+            if shape != list(mine.shape):
+                differs = f"{key} is {shape} in the file and {list(mine.shape)} in the policy"
+            elif shape and not torch.equal(mine[:1].cpu(), theirs[:1].to(mine.dtype)):
+                differs = f"the policy's {key} holds other values than the file's"
+            else:
+                continue
+            raise TrainError(
+                f"The weights in {weights} did not load into the {policy_type} policy: {differs}. lerobot's loader "
+                "for this policy goes on with random weights when loading fails (its message is above). Check that "
+                f"--policy.* overrides do not change the model's sizes, and that the folder or repo holds a "
+                f"{policy_type} policy saved by lerobot."
+            )
     if not shared:
         log.warning("Could not check that %s loaded: none of its tensor names are the policy's.", weights)
 

@@ -35,10 +35,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch_size", type=int, help="default: the demo config's")
     args = parser.parse_args()
+    batch = ["--batch_size", str(args.batch_size)] if args.batch_size is not None else []
     cfg = config.parse(["--config", str(REPO / "configs" / "demo.yaml"), "--output_dir", "/nonexistent",
-                        "--dataset_root", str(args.dataset_root), "--demo_dataset=false"])  # fmt: skip
+                        "--dataset_root", str(args.dataset_root), "--demo_dataset=false", *batch])  # fmt: skip
     cfg.policy.device = "cpu"
-    cfg.batch_size = args.batch_size or cfg.batch_size
     torch.manual_seed(cfg.seed)
     (dataset,) = load_datasets(cfg.dataset.sources(), cfg, cfg.dataset.image_transforms)
     policy = build_policy(cfg, dataset, None)

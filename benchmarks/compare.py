@@ -47,7 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DEMO = REPO / "configs" / "demo.yaml"
-LOG_FREQ, WARMUP_LOGS = 10, 2
+BATCH, LOG_FREQ, WARMUP_LOGS = 8, 10, 2  # BATCH: every benchmark's batch, unless --batch_size says otherwise
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Workload:
 
     realistic: bool
     image_size: tuple[int, int] | None = None  # the demo ACT on larger cameras (CPU: throughput only)
-    batch: int = 8
+    batch: int = BATCH
 
     @property
     def size(self) -> tuple[int, int]:
@@ -313,14 +313,14 @@ def parse_args() -> argparse.Namespace:
         metavar=("H", "W"),
         help="the demo ACT on cameras of this size (CPU): throughput with and without the cache only",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="samples per step of the throughput runs, with "
-                        "--image_size or --realistic (default 8)")  # fmt: skip
+    parser.add_argument("--batch_size", type=int, default=BATCH, help="samples per step of the throughput runs, "
+                        f"with --image_size or --realistic (default {BATCH})")  # fmt: skip
     parser.add_argument("--episodes", type=int, help="episodes of the demo dataset (default 10; 4 with --realistic)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     # The run without workers trains steps // 2 steps and needs one log window past the warm-up ones.
     min_steps = 2 * LOG_FREQ * (WARMUP_LOGS + 1)
-    if args.batch_size != 8 and not (args.image_size or args.realistic):
+    if args.batch_size != BATCH and not (args.image_size or args.realistic):
         parser.error("--batch_size goes with --image_size or --realistic: the full CPU report's checkpoint, resume "
                      "and upload measurements use the demo config's batch of 8")  # fmt: skip
     if args.pairs < 1:
@@ -490,7 +490,7 @@ def main() -> None:
         ("--realistic " if work.realistic else "")
         + (f"--image_size {args.image_size[0]} {args.image_size[1]} " if args.image_size else "")
         + (f"--episodes {args.episodes} " if args.episodes else "")
-        + (f"--batch_size {args.batch_size} " if args.batch_size != 8 else "")
+        + (f"--batch_size {args.batch_size} " if args.batch_size != BATCH else "")
     )
     command = f"python benchmarks/compare.py {options}--pairs {args.pairs} --steps {args.steps}"
     header = f"""Written by `{command}` on {time.strftime("%Y-%m-%d", time.gmtime(started))} \

@@ -108,15 +108,11 @@ def test_pi0_trains_and_resumes_on_a_gpu(pi_tokenizers: dict[str, str], tiny_dat
     """pi0 (default variants) in bf16 on the demo dataset: 3 steps straight, and 2 steps + resume to 3. The losses
     are finite, the resumed run continues at step 3; how close its loss is to the straight run's is printed
     (GPU kernels need not be bit-reproducible)."""
-    common = [
-        "--dataset.repo_id", "local/piper_demo", "--dataset.root", str(tiny_dataset), "--demo_dataset=false",
-        "--policy.type", "pi0", "--batch_size", "2", "--mixed_precision", "bf16", "--num_workers", "2",
-        "--log_freq", "1", "--val_episodes", "0", "--save_freq", "2",
-    ]  # fmt: skip
+    gpu = ["--policy.type", "pi0", "--mixed_precision", "bf16", "--num_workers", "2"]
     straight, out = tmp_path / "straight", tmp_path / "out"
-    assert_ok(run_cli([*common, "--output_dir", str(straight), "--steps", "3"], env=pi_tokenizers, timeout=900))
-    assert_ok(run_cli([*common, "--output_dir", str(out), "--steps", "2"], env=pi_tokenizers, timeout=900))
-    resumed = run_cli([*common, "--output_dir", str(out), "--steps", "3", "--resume_from_checkpoint", "latest"],
+    assert_ok(run_cli(pi_args(tiny_dataset, straight, *gpu, "--steps", "3"), env=pi_tokenizers, timeout=900))
+    assert_ok(run_cli(pi_args(tiny_dataset, out, *gpu, "--steps", "2"), env=pi_tokenizers, timeout=900))
+    resumed = run_cli(pi_args(tiny_dataset, out, *gpu, "--steps", "3", "--resume_from_checkpoint", "latest"),
                       env=pi_tokenizers, timeout=900)  # fmt: skip
     assert_ok(resumed)
     assert "Resumed from" in resumed.stderr and [s for s, _ in losses(out)] == [1, 2, 3]

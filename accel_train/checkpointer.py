@@ -17,6 +17,8 @@ import json
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -28,6 +30,8 @@ from lerobot.policies import PreTrainedPolicy
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
@@ -63,8 +67,8 @@ log = logging.getLogger(__name__)
 # Accelerate's save_state names -> ours. Its per-rank `random_states_<rank>.pkl` are dropped: no RNG state is
 # needed (see accel_train.checkpoint).
 ACCELERATE_FILES = {"optimizer.bin": OPTIMIZER_FILE, "scheduler.bin": SCHEDULER_FILE, "scaler.pt": SCALER_FILE}
-# Under FSDP with FULL_STATE_DICT, save_state writes the gathered weights here (torch.save) on the main process.
-FSDP_MODEL_FILE = "pytorch_model_fsdp.bin"
+# Full (consolidated) state dicts of an FSDP policy, on the main process's CPU, one tensor gathered at a time.
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 # Plain-attribute counters that steer training: VQ-BeT counts the steps of its VQ-VAE phase in
@@ -201,15 +205,6 @@ def indexed_optimizer_state(by_name: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def consolidate_fsdp_files(folder: Path) -> None:
-    """Accelerate's FSDP FULL_STATE_DICT files (gathered weights, name-keyed optimizer state; both torch.save)
-    rewritten as policy.safetensors and a plain optimizer_state.pth: the formats every other checkpoint has."""
-    save_file(load_tensors(folder / FSDP_MODEL_FILE), folder / POLICY_FILE, metadata={"format": "pt"})
-    (folder / FSDP_MODEL_FILE).unlink()
-    torch.save(indexed_optimizer_state(load_tensors(folder / "optimizer.bin")), folder / OPTIMIZER_FILE)
-    (folder / "optimizer.bin").unlink()
-
-
 def load_sharded_optimizer(
     checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
 ) -> None:
@@ -228,7 +223,17 @@ def load_sharded_optimizer(
         "state": {names[i]: value for i, value in indexed["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]],
     }
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    # Not strict: a trainable parameter that never had a gradient (pi0's lm_head, unused by its loss) has no Adam
+    # state, in this file as in a plain optimizer's state_dict; the parameter count is checked above.
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _own_storage(value: Any) -> Any:
+    """A gathered tensor can be a view into a larger buffer: safetensors refuses such a tensor and torch.save
+    would write the whole buffer. A copy of just its elements then."""
+    if torch.is_tensor(value) and value.untyped_storage().nbytes() != value.numel() * value.element_size():
+        return value.clone()
+    return value
 
 
 class StateSnapshot:
@@ -281,6 +286,21 @@ class StateSnapshot:
             "param_groups": copy.deepcopy(state_dict["param_groups"]),
         }
 
+    def take_gathered(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, is_main: bool) -> None:
+        """Under FSDP, on every rank (the gathers are collective): the full weights and optimizer state, gathered
+        to the main process's CPU memory one tensor at a time. They are new tensors that training never touches,
+        so the writer thread serialises them as they are; the optimizer state goes into the plain format."""
+        weights = get_model_state_dict(policy, options=GATHERED)
+        optimizer_state = get_optimizer_state_dict(policy, optimizer, options=GATHERED)
+        if is_main:
+            self._copied = None
+            weights = {name: _own_storage(t) for name, t in weights.items()}
+            tied = tied_names(weights)
+            self.policy_metadata = tied or None
+            self.policy = {name: t for name, t in weights.items() if name not in tied}
+            state = {name: {k: _own_storage(v) for k, v in s.items()} for name, s in optimizer_state["state"].items()}
+            self.optimizer = indexed_optimizer_state({**optimizer_state, "state": state})
+
     def mark_taken(self) -> None:
         """After save_state (training thread): marks the end of the copies queued on the GPU stream."""
         if self._copied is not None:
@@ -325,8 +345,9 @@ class Checkpointer:
         # FSDP replaces the parameter objects; their names, taken now, map the optimizer's ids on load.
         self.parameter_names = parameter_names(parts.policy, parts.optimizer) if self.sharded else []
         self.asynchronous = cfg.async_checkpoint
-        # Under FSDP, save_state gathers the shards itself (collectives, in the foreground): nothing to snapshot.
-        self.snapshot = StateSnapshot() if self.asynchronous and not self.sharded else None
+        # Under FSDP the state is gathered into the snapshot, then written once (in the background unless
+        # --async_checkpoint false).
+        self.snapshot = StateSnapshot() if self.asynchronous or self.sharded else None
         self._state: TrainerState | None = None
         self._error: Exception | None = None
         self._writer: threading.Thread | None = None
@@ -371,15 +392,17 @@ class Checkpointer:
         """Write the policy and processors ourselves, in lerobot's formats, instead of Accelerate's model file.
 
         Runs on every rank. Popping the weights stops Accelerate from writing its own model.safetensors (under
-        DDP with `module.` prefixes). Under FSDP the list is empty: Accelerate has already written the gathered
-        weights, which `_finalize` turns into policy.safetensors.
+        DDP with `module.` prefixes). Under FSDP every rank takes part in gathering the weights and optimizer
+        state into the snapshot (`_save_state` keeps Accelerate from gathering and writing its own copies).
         """
         weights.clear()
-        if not self.accelerator.is_main_process:
-            return
-        policy = self.accelerator.unwrap_model(models[0])
+        policy = self.accelerator.unwrap_model(self.parts.policy)
         try:
-            if self.snapshot is not None:
+            if self.sharded:
+                self.snapshot.take_gathered(policy, self.parts.optimizer.optimizer, self.accelerator.is_main_process)
+            if not self.accelerator.is_main_process:
+                return
+            if self.snapshot is not None and not self.sharded:
                 self.snapshot.take_policy(policy)
             self._write_policy_files(Path(output_dir), policy)
         except Exception as error:  # e.g. disk full, no pinned memory: reported by save() after the barrier,
@@ -401,7 +424,7 @@ class Checkpointer:
         return {"state": {}, "param_groups": state_dict["param_groups"]}
 
     def _write_policy_files(self, folder: Path, policy: PreTrainedPolicy) -> None:
-        if not self.sharded and self.snapshot is None:
+        if self.snapshot is None:
             write_policy_file(policy, folder / POLICY_FILE)
         policy.config._save_pretrained(folder)
         if is_adapted(policy):
@@ -451,9 +474,11 @@ class Checkpointer:
     def _save_state(self, tmp: Path) -> None:
         """Accelerate's save_state, with the optimizer hook of the snapshot around it; errors kept for save()."""
         optimizer = self.parts.optimizer.optimizer
-        hook = optimizer.register_state_dict_post_hook(self._take_optimizer) if self.snapshot is not None else None
+        snapshot_hook = self.snapshot is not None and not self.sharded  # under FSDP the save hook gathers it all
+        hook = optimizer.register_state_dict_post_hook(self._take_optimizer) if snapshot_hook else None
         try:
-            self.accelerator.save_state(str(tmp))
+            with self._without_fsdp_files():
+                self.accelerator.save_state(str(tmp))
         except Exception as error:  # Accelerate's own files failed to write (torch.save raises RuntimeError
             self._error = error  # on a full disk): reported on every rank by save()
         finally:
@@ -461,6 +486,24 @@ class Checkpointer:
                 hook.remove()
         if self.snapshot is not None and self.accelerator.is_main_process:
             self.snapshot.mark_taken()
+
+    @contextmanager
+    def _without_fsdp_files(self) -> Iterator[None]:
+        """Under FSDP, Accelerate's save_state gathers the policy and optimizer and writes them itself (torch.save,
+        in the foreground) before its hooks run, with no option to leave them out; written so, a checkpoint was
+        written twice (its files, then ours from them). Shown no prepared model or optimizer, save_state writes
+        only the schedule and scaler and runs the hooks; our hook gathers once and the writer thread writes once.
+        Accelerate has no public way to do this: `_models` and `_optimizers` are the lists save_state reads."""
+        if not self.sharded:
+            yield
+            return
+        accelerator = self.accelerator
+        models, optimizers = accelerator._models, accelerator._optimizers
+        accelerator._models, accelerator._optimizers = [], []
+        try:
+            yield
+        finally:
+            accelerator._models, accelerator._optimizers = models, optimizers
 
     def save_unless_saved(self, state: TrainerState) -> Path:
         """The checkpoint of `state.step`, written now unless it already is (a preemption right after a save)."""
@@ -511,10 +554,8 @@ class Checkpointer:
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         """Accelerate's files under our names, the manifest last, then the rename that publishes the folder."""
-        if self.sharded:
-            consolidate_fsdp_files(tmp)
-        if self.snapshot is not None:
-            (tmp / "optimizer.bin").unlink()  # save_state's stand-in with param_groups only (_take_optimizer)
+        if self.snapshot is not None:  # save_state's stand-in with param_groups only (_take_optimizer); none in FSDP
+            (tmp / "optimizer.bin").unlink(missing_ok=True)
             self.snapshot.write(tmp)
         for theirs, ours in ACCELERATE_FILES.items():
             if (tmp / theirs).exists():

@@ -18,6 +18,7 @@ from lerobot.processor import PolicyProcessorPipeline, RenameObservationsProcess
 from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
 from accel_train.features import adopt_dataset_shapes, check_fits
+from accel_train.sharding import gather_for_inference, is_fsdp, shard_units
 
 log = logging.getLogger(__name__)
 
@@ -191,21 +192,26 @@ def build_optimizer(cfg: TrainConfig, policy: PreTrainedPolicy):
 @dataclass
 class PolicyParts:
     """The policy and what trains and feeds it. `prepare` hands the policy, optimizer and schedule to Accelerate
-    (DDP, FSDP, mixed precision); the processors stay as they are."""
+    (DDP, FSDP, mixed precision); the processors stay as they are. Under FSDP the policy's layers are sharded
+    first, as units of their own (accel_train.sharding); `fsdp_units` counts them, the root included."""
 
     policy: PreTrainedPolicy | torch.nn.Module
     preprocessor: PolicyProcessorPipeline
     postprocessor: PolicyProcessorPipeline
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    fsdp_units: int = 0
 
-    def prepare(self, accelerator: Accelerator) -> None:
+    def prepare(self, accelerator: Accelerator, policy_type: str) -> None:
+        if is_fsdp(accelerator):
+            self.fsdp_units = shard_units(self.policy, self.optimizer, policy_type, accelerator)
         if self.scheduler is not None:
             self.policy, self.optimizer, self.scheduler = accelerator.prepare(
                 self.policy, self.optimizer, self.scheduler
             )
         else:
             self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
+        gather_for_inference(accelerator.unwrap_model(self.policy))
 
 
 def build_parts(cfg: TrainConfig, dataset: LeRobotDataset, source: Path | None, pretrained: Path | None) -> PolicyParts:

@@ -35,6 +35,7 @@ from accel_train.hub import HubPusher, write_model_card
 from accel_train.metrics import MetricsLogger, StepWindow, start_trackers
 from accel_train.model import PolicyParts, build_parts
 from accel_train.preemption import PreemptionWatch
+from accel_train.sharding import describe_footprint, footprint
 from accel_train.sources import upgrade_flags
 from accel_train.start import Start, locate_start
 from accel_train.validation import Validator, make_validator
@@ -78,7 +79,7 @@ def run(args: list[str]) -> TrainerState:
     validator = make_validator(cfg, accelerator, data)
     pusher = make_pusher(cfg, accelerator)
     checkpointer = Checkpointer(accelerator, parts, cfg, pusher)
-    parts.prepare(accelerator)
+    parts.prepare(accelerator, cfg.policy.type)
     state = checkpointer.restore(begin, data)
     step = Components(accelerator, parts, data.batches(cfg, accelerator, state.data), cfg)
     summarize(step, data, begin, state)
@@ -275,6 +276,8 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
         data.frame_cache,
         origin,
     )
+    if step.parts.fsdp_units:
+        log.info(describe_footprint(step.parts.fsdp_units, footprint(policy, step.parts.optimizer), count))
 
 
 def count(number: int) -> str:

@@ -68,6 +68,31 @@ def is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def check_fsdp_settings(accelerator: Accelerator) -> None:
+    """FSDP settings the trainer cannot honour, refused before anything is built or written."""
+    if not is_fsdp(accelerator):
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise UsageError(
+            f"FSDP version {plugin.fsdp_version}: accel-train shards with FSDP2 (fully_shard). Set fsdp_version: 2 in "
+            "the Accelerate config, as configs/accelerate/fsdp.yaml does."
+        )
+    if plugin.state_dict_type.name != "FULL_STATE_DICT":
+        raise UsageError(
+            f"FSDP with fsdp_state_dict_type {plugin.state_dict_type.name}: accel-train checkpoints hold one "
+            "consolidated policy.safetensors and optimizer_state.pth, so set fsdp_state_dict_type: "
+            "FULL_STATE_DICT in the Accelerate config (as configs/accelerate/fsdp.yaml does)."
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UsageError(
+            "FSDP with --mixed_precision fp16 on CPU: FSDP2 keeps the gathered parameters in fp16, and on CPU "
+            "Accelerate's autocast does not cast every layer's inputs to fp16 (convolutions meet fp32 inputs and "
+            "fail). Use --mixed_precision bf16 (FSDP2's bf16 policy: bf16 compute and reductions, fp32 weights), or "
+            "fp16 on GPUs."
+        )
+
+
 def joint_parts(layer: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules lerobot calls of a joint layer: its attention's projections, then its other children (norms,
     MLP), those that hold parameters. Each runs once per pass, so the group's gather and free happen once."""
@@ -106,8 +131,48 @@ def size_units(policy: torch.nn.Module, min_params: int) -> list[Unit]:
     return units
 
 
+def _trainable(module: torch.nn.Module, claimed: set[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad and p not in claimed]
+
+
+def dtype_uniform(units: list[Unit], policy: torch.nn.Module) -> list[Unit]:
+    """The units, with a unit of their own for each module whose trainable parameters are not in its unit's main
+    dtype (by bytes): FSDP2 requires one dtype for the trainable parameters of a unit, and lerobot's pi0 family
+    keeps its norms and vision embeddings in fp32 with `--policy.dtype=bfloat16`. Such a module (a norm, an
+    embedding, a convolution) is called through its forward, where its own unit is gathered. The root (the policy,
+    sharded last by Accelerate) is split the same way."""
+    result: list[Unit] = []
+    claimed: set[torch.nn.Parameter] = set()
+    for unit in [*units, policy]:
+        tops = unit if isinstance(unit, list) else [unit]
+        leaves = [m for top in tops for m in top.modules() if _trainable(m, claimed)]
+        by_dtype: dict[torch.dtype, int] = {}
+        for leaf in leaves:
+            for p in _trainable(leaf, claimed):
+                by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel() * p.element_size()
+        main = max(by_dtype, key=by_dtype.get) if by_dtype else None
+        for leaf in leaves:
+            dtypes = {p.dtype for p in _trainable(leaf, claimed)}
+            if dtypes == {main}:
+                continue
+            if len(dtypes) > 1:
+                raise UsageError(
+                    f"FSDP needs one dtype for the trainable parameters of a unit, and {type(leaf).__name__} holds "
+                    f"{', '.join(sorted(map(str, dtypes)))} itself. Train in one dtype (--policy.dtype=float32 "
+                    "with --mixed_precision bf16 gives bf16 compute with fp32 weights)."
+                )
+            result.append(leaf)
+            claimed.update(leaf.parameters(recurse=False))
+        if unit is not policy:
+            result.append([part for part in unit if part not in result] if isinstance(unit, list) else unit)
+            claimed.update(p for top in tops for p in top.parameters())
+    return result
+
+
 def classes_of(policy: torch.nn.Module) -> list[str]:
-    return sorted({type(m).__name__ for m in policy.modules() if any(True for _ in m.parameters(recurse=False))})
+    """The policy's own module classes that hold parameters (torch.nn's building blocks left out)."""
+    own = (m for m in policy.modules() if not type(m).__module__.startswith("torch.nn"))
+    return sorted({type(m).__name__ for m in own if any(True for _ in m.parameters())})
 
 
 def choose_units(policy: torch.nn.Module, policy_type: str, plugin) -> tuple[list[Unit], str]:
@@ -167,7 +232,8 @@ def shard_units(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, polic
     """Shard the policy's units (before `accelerator.prepare`, which shards the rest as the root) and point the
     optimizer at the sharded parameters. Returns the number of units, the root included."""
     plugin = accelerator.state.fsdp_plugin
-    units, origin = choose_units(policy, policy_type, plugin)
+    layers, origin = choose_units(policy, policy_type, plugin)
+    units = dtype_uniform(layers, policy)
     before = {param: name for name, param in policy.named_parameters()}
     kwargs = fsdp_kwargs(accelerator)
     for unit in units:
@@ -180,7 +246,13 @@ def shard_units(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, polic
     # for the root's parameters in prepare, by name).
     for group in optimizer.param_groups:
         group["params"] = [after[before[param]] for param in group["params"]]
-    log.info("FSDP units: %d layers (%s) and the root.", len(units), origin)
+    split = len(units) - len(layers)
+    log.info(
+        "FSDP units: %d layers (%s)%s and the root.",
+        len(layers),
+        origin,
+        f", {split} modules in a dtype of their own" if split else "",
+    )
     return len(units) + 1
 
 

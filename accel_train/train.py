@@ -23,19 +23,19 @@ if __package__ in (None, ""):  # `python accel_train/train.py`: make the package
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from accel_train import demo_dataset
 from accel_train.checkpoint import TrainerState, export, name_for
 from accel_train.checkpointer import Checkpointer
 from accel_train.config import Every, TrainConfig, config_to_args, kwargs_to_args, print_help
 from accel_train.data import TimedBatches, TrainingData, images_to_float, sources_to_read
-from accel_train.errors import Preempted, TrainError, UsageError
+from accel_train.errors import Preempted, TrainError
 from accel_train.hub import HubPusher, write_model_card
 from accel_train.metrics import MetricsLogger, StepWindow, start_trackers
 from accel_train.model import PolicyParts, build_parts
 from accel_train.preemption import PreemptionWatch
-from accel_train.sharding import describe_footprint, footprint
+from accel_train.sharding import check_fsdp_settings, describe_footprint, footprint
 from accel_train.sources import upgrade_flags
 from accel_train.start import Start, locate_start
 from accel_train.validation import Validator, make_validator
@@ -207,7 +207,7 @@ def make_accelerator(cfg: TrainConfig, processes: PartialState) -> Accelerator:
         log_with=None if cfg.log_with == "none" else cfg.log_with,
         project_dir=cfg.output_dir,
     )
-    require_consolidated_fsdp_state(accelerator)
+    check_fsdp_settings(accelerator)
     cfg.policy.device = accelerator.device.type
     return accelerator
 
@@ -226,17 +226,6 @@ def make_pusher(cfg: TrainConfig, accelerator: Accelerator) -> HubPusher | None:
     if not (cfg.push_to_hub and accelerator.is_main_process):
         return None
     return HubPusher(cfg.hub_repo_id, cfg.hub_revision, cfg.hub_private, cfg.hub_keep_last, cfg.hub_retries)
-
-
-def require_consolidated_fsdp_state(accelerator: Accelerator) -> None:
-    """Checkpoints hold one consolidated policy and optimizer, so that they resume on any number of GPUs."""
-    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
-    if plugin is not None and plugin.state_dict_type.name != "FULL_STATE_DICT":
-        raise UsageError(
-            f"FSDP with fsdp_state_dict_type {plugin.state_dict_type.name}: accel-train checkpoints hold one "
-            "consolidated policy.safetensors and optimizer_state.pth, so set fsdp_state_dict_type: "
-            "FULL_STATE_DICT in the Accelerate config (as configs/accelerate/fsdp.yaml does)."
-        )
 
 
 def summarize(step: Components, data: TrainingData, begin: Start, state: TrainerState) -> None:

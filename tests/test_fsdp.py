@@ -14,6 +14,7 @@ import re
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from test_pi import STAND_IN_SIZES, pi_args, pi_tokenizers  # noqa: F401 (a fixt
 from test_policies import smolvla, vlm  # noqa: F401 (a fixture)
 
 from accel_train import checkpoint as ckpt
+from accel_train.errors import UsageError
+from accel_train.sharding import check_fsdp_settings, dtype_uniform, joint_parts, size_units
 
 SHIM = REPO / "tests" / "fsdp_on_cpu.py"
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -149,16 +152,87 @@ def test_smolvla_shards_every_layer_and_resumes_bit_identically(
     assert sharding(log)[1] <= 0.55
 
 
+@pytest.mark.parametrize("variant", [[], ["--policy.dtype=bfloat16", "--policy.gradient_checkpointing=true"]])
 def test_pi0_shards_every_layer_and_resumes_bit_identically(
+    variant: list[str],
     pi_tokenizers: dict[str, str],  # noqa: F811 (the fixture)
     tiny_dataset: Path,
     tmp_path: Path,
 ) -> None:
-    """pi0 at stand-in sizes (1 SigLIP layer, 2 PaliGemma layers, 2 expert layers): each layer is a unit."""
+    """pi0 at stand-in sizes (1 SigLIP layer, 2 PaliGemma layers, 2 expert layers): each layer is a unit. In
+    lerobot's bf16 (`--policy.dtype=bfloat16` keeps norms and vision embeddings in fp32) with gradient
+    checkpointing, those fp32 modules are units of their own, as FSDP2 needs one dtype per unit."""
 
     def args(name: str, *extra: str) -> list[str]:
-        return pi_args(tiny_dataset, tmp_path / name, "--policy.type", "pi0", "--num_workers", "0", *extra)
+        return pi_args(tiny_dataset, tmp_path / name, "--policy.type", "pi0", "--num_workers", "0", *variant, *extra)
 
     log, _ = straight_and_resumed([*fsdp(), STAND_IN_SIZES[1]], args, env=pi_tokenizers)
-    assert "FSDP units: 5 layers (accel-train's layers for pi0)" in log
-    assert sharding(log)[1] <= 0.55
+    units, share = sharding(log)
+    assert share <= 0.55
+    if variant:  # the fp32 norms and vision embeddings split out of the bf16 layers and root
+        split = re.search(r"FSDP units: 5 layers \(accel-train's layers for pi0\), (\d+) modules in a dtype", log)
+        assert split and units == 6 + int(split[1]), log[-3000:]
+    else:
+        assert "FSDP units: 5 layers (accel-train's layers for pi0)" in log and units == 6
+
+
+def test_a_config_naming_classes_the_policy_lacks_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    """One paragraph naming the missing class and the policy's own classes; nothing written."""
+    config = tmp_path / "fsdp.yaml"
+    named = "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_transformer_layer_cls_to_wrap: GemmaDecoderLayer\n"
+    config.write_text(FSDP_CONFIG.read_text().replace("fsdp_config:\n", "fsdp_config:\n" + named))
+    out = tmp_path / "out"
+    result = run_cli(act_args(tiny_dataset, out, "--steps", "2"), fsdp(config=config))
+    assert result.returncode != 0
+    message = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert "names GemmaDecoderLayer, which the act policy does not have" in message
+    assert "ACTEncoderLayer" in message and "BasicBlock" in message and "Traceback" not in message
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
+
+
+def fake_fsdp_accelerator(state_dict_type: str = "FULL_STATE_DICT", mixed_precision: str = "no", version: int = 2):
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(fsdp_version=version, state_dict_type=SimpleNamespace(name=state_dict_type))
+    return SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision=mixed_precision,
+        device=torch.device("cpu"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"state_dict_type": "SHARDED_STATE_DICT"}, "set fsdp_state_dict_type: FULL_STATE_DICT"),
+        ({"mixed_precision": "fp16"}, "Use --mixed_precision bf16"),
+        ({"version": 1}, "Set fsdp_version: 2"),
+    ],
+)
+def test_fsdp_settings_the_trainer_cannot_honour_are_refused(settings: dict, expected: str) -> None:
+    with pytest.raises(UsageError, match=expected):
+        check_fsdp_settings(fake_fsdp_accelerator(**settings))
+    check_fsdp_settings(fake_fsdp_accelerator())  # the shipped settings pass
+
+
+def test_units_of_a_joint_layer_and_of_mixed_dtypes() -> None:
+    """A joint layer's unit is the modules lerobot calls (projections, norms, MLP); a module whose trainable
+    parameters are in another dtype than the rest of its unit gets a unit of its own; SIZE_BASED_WRAP never picks
+    a container without a forward (ModuleDict), which fully_shard refuses."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layer = LlamaDecoderLayer(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2), 0)
+    parts = joint_parts(layer)
+    attention = layer.self_attn
+    assert parts == [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, layer.mlp,
+                     layer.input_layernorm, layer.post_attention_layernorm]  # fmt: skip
+    layer.input_layernorm.to(torch.float64)
+    root = torch.nn.Sequential(layer, torch.nn.LayerNorm(16).to(torch.float64), torch.nn.Linear(16, 16))
+    units = dtype_uniform([parts], root)
+    assert units == [layer.input_layernorm, [p for p in parts if p is not layer.input_layernorm], root[1]]
+
+    holder = torch.nn.Module()
+    holder.blocks = torch.nn.ModuleDict({"a": torch.nn.Linear(40, 40), "b": torch.nn.Linear(4, 4)})
+    assert size_units(holder, 1000) == [holder.blocks["a"]]

@@ -19,6 +19,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -157,10 +158,21 @@ def load_sharded_policy_weights(policy: torch.nn.Module, checkpoint: Path) -> No
     """Load policy.safetensors (consolidated, from any run) into a policy whose parameters FSDP has sharded.
 
     torch keeps each rank's shard of the full tensors; weights tied under several names are saved once and
-    given back under each.
+    given back under each. An adapter checkpoint names its tensors as PEFT's adapter files do: each goes to the
+    parameter that PEFT's own `get_peft_model_state_dict` names so (PEFT's loader would copy plain tensors into
+    the sharded ones, which torch refuses).
     """
     check_policy_file(policy, checkpoint)
     weights = load_file(checkpoint / POLICY_FILE)
+    if is_adapted(policy):
+        from peft.utils import get_peft_model_state_dict
+
+        own = policy.state_dict(keep_vars=True)
+        key_of = {id(tensor): key for key, tensor in own.items()}
+        names = {saved: key_of[id(t)] for saved, t in get_peft_model_state_dict(policy, state_dict=own).items()}
+        weights = {names[saved]: tensor for saved, tensor in weights.items()}  # every name checked above
+        set_model_state_dict(policy, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     for dropped, kept in tied_names(policy.state_dict()).items():
         weights.setdefault(dropped, weights[kept])
     set_model_state_dict(policy, weights, options=StateDictOptions(full_state_dict=True, strict=True))
@@ -290,11 +302,16 @@ class StateSnapshot:
         """Under FSDP, on every rank (the gathers are collective): the full weights and optimizer state, gathered
         to the main process's CPU memory one tensor at a time. They are new tensors that training never touches,
         so the writer thread serialises them as they are; the optimizer state goes into the plain format."""
-        weights = get_model_state_dict(policy, options=GATHERED)
+        adapted = is_adapted(policy)  # adapters only: the frozen base is never gathered
+        weights = get_model_state_dict(policy, options=replace(GATHERED, ignore_frozen_params=adapted))
         optimizer_state = get_optimizer_state_dict(policy, optimizer, options=GATHERED)
         if is_main:
             self._copied = None
             weights = {name: _own_storage(t) for name, t in weights.items()}
+            if adapted:
+                from peft.utils import get_peft_model_state_dict
+
+                weights = get_peft_model_state_dict(policy, state_dict=weights)
             tied = tied_names(weights)
             self.policy_metadata = tied or None
             self.policy = {name: t for name, t in weights.items() if name not in tied}
@@ -340,8 +357,6 @@ class Checkpointer:
         self.schedule = Every(cfg.save_freq, cfg.steps)
         self.resumed_from: Path | None = None
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
-        if self.sharded and is_adapted(parts.policy):
-            raise TrainError("--peft under FSDP is not supported: its checkpoints are consolidated full weights.")
         # FSDP replaces the parameter objects; their names, taken now, map the optimizer's ids on load.
         self.parameter_names = parameter_names(parts.policy, parts.optimizer) if self.sharded else []
         self.asynchronous = cfg.async_checkpoint

@@ -18,8 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, losses, run_cli, same_weights
+from conftest import REPO, assert_ok, base_args, losses, run_cli, same_weights
 from safetensors.torch import load_file
+from test_finetune import LORA, pretrained_copy
 from test_layout_and_launch import SPEC_FILES
 from test_pi import STAND_IN_SIZES, pi_args, pi_tokenizers  # noqa: F401 (a fixture)
 from test_policies import smolvla, vlm  # noqa: F401 (a fixture)
@@ -118,9 +119,9 @@ def test_fsdp_checkpoints_cross_to_one_process_and_back(
     assert [s for s, _ in losses(one)] == [4, 5] and abs(resumed - reference) < 0.15 * reference
 
 
-def straight_and_resumed(launcher: list[str], args, env=None) -> tuple[str, str]:
+def straight_and_resumed(launcher: list[str], args, env=None, final: str = "model.safetensors") -> tuple[str, str]:
     """3 steps straight saving at 2, and checkpoint-2 resumed into another folder to 3: the same losses and final
-    weights. Returns both logs."""
+    weights (`final`). Returns both logs."""
     straight, out = args("straight", "--steps", "3"), args("out", "--steps", "3")
     first = run_cli(straight, launcher, env=env)
     assert_ok(first)
@@ -130,7 +131,7 @@ def straight_and_resumed(launcher: list[str], args, env=None) -> tuple[str, str]
     out_dir = Path(out[out.index("--output_dir") + 1])
     assert "no longer bit-identical" not in resumed.stderr
     assert len(losses(straight_dir)) == 3 and losses(out_dir) == losses(straight_dir)[2:]
-    assert same_weights(out_dir / "model.safetensors", straight_dir / "model.safetensors")
+    assert same_weights(out_dir / final, straight_dir / final)
     return first.stderr, resumed.stderr
 
 
@@ -152,16 +153,16 @@ def test_smolvla_shards_every_layer_and_resumes_bit_identically(
     assert sharding(log)[1] <= 0.55
 
 
-@pytest.mark.parametrize("variant", [[], ["--policy.dtype=bfloat16", "--policy.gradient_checkpointing=true"]])
 def test_pi0_shards_every_layer_and_resumes_bit_identically(
-    variant: list[str],
     pi_tokenizers: dict[str, str],  # noqa: F811 (the fixture)
     tiny_dataset: Path,
     tmp_path: Path,
 ) -> None:
     """pi0 at stand-in sizes (1 SigLIP layer, 2 PaliGemma layers, 2 expert layers): each layer is a unit. In
     lerobot's bf16 (`--policy.dtype=bfloat16` keeps norms and vision embeddings in fp32) with gradient
-    checkpointing, those fp32 modules are units of their own, as FSDP2 needs one dtype per unit."""
+    checkpointing: the fp32 modules are units of their own, as FSDP2 needs one dtype per unit. (In fp32 the same
+    5 layers are the units, and nothing else: tests/test_fsdp.py's unit tests and the start-up line.)"""
+    variant = ["--policy.dtype=bfloat16", "--policy.gradient_checkpointing=true"]
 
     def args(name: str, *extra: str) -> list[str]:
         return pi_args(tiny_dataset, tmp_path / name, "--policy.type", "pi0", "--num_workers", "0", *variant, *extra)
@@ -169,11 +170,25 @@ def test_pi0_shards_every_layer_and_resumes_bit_identically(
     log, _ = straight_and_resumed([*fsdp(), STAND_IN_SIZES[1]], args, env=pi_tokenizers)
     units, share = sharding(log)
     assert share <= 0.55
-    if variant:  # the fp32 norms and vision embeddings split out of the bf16 layers and root
-        split = re.search(r"FSDP units: 5 layers \(accel-train's layers for pi0\), (\d+) modules in a dtype", log)
-        assert split and units == 6 + int(split[1]), log[-3000:]
-    else:
-        assert "FSDP units: 5 layers (accel-train's layers for pi0)" in log and units == 6
+    # The 5 layers, the fp32 norms and vision embeddings split out of the bf16 layers and root, and the root.
+    split = re.search(r"FSDP units: 5 layers \(accel-train's layers for pi0\), (\d+) modules in a dtype", log)
+    assert split and units == 6 + int(split[1]), log[-3000:]
+
+
+def test_lora_under_fsdp_checkpoints_adapters_and_resumes_bit_identically(
+    trained: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """LoRA on the demo ACT under FSDP (frozen base and adapters sharded together in each layer's unit): the
+    checkpoint holds the adapters only, in PEFT's format, and a resume continues bit for bit."""
+    base = pretrained_copy(trained, tmp_path / "base")
+
+    def args(name: str, *extra: str) -> list[str]:
+        return base_args(tiny_dataset, tmp_path / name, "--policy.path", str(base), *LORA, *extra)
+
+    log, _ = straight_and_resumed(fsdp(), args, final="adapter_model.safetensors")
+    assert sharding(log)[1] <= 0.55
+    adapters = load_file(tmp_path / "straight" / "checkpoint-2" / ckpt.POLICY_FILE)
+    assert adapters and all(re.search(r"\.lora_[AB]\.weight$", key) for key in adapters), sorted(adapters)[:5]
 
 
 def test_a_config_naming_classes_the_policy_lacks_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:

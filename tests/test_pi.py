@@ -66,13 +66,19 @@ def straight_and_resumed(dataset: Path, tmp_path: Path, env: dict[str, str], *po
     return straight, out
 
 
-@pytest.mark.parametrize("policy", ["pi0", "pi05", "pi0_fast"])
+@pytest.mark.parametrize(
+    ("policy", "options"),
+    [("pi0", []), ("pi05", []), ("pi0_fast", []),
+     ("pi0", ["--policy.dtype=bfloat16", "--policy.gradient_checkpointing=true"])],
+    ids=["pi0", "pi05", "pi0_fast", "pi0-bf16-gradient-checkpointing"],
+)  # fmt: skip
 def test_pi_trains_and_resumes_exactly_at_stand_in_sizes(
-    policy: str, pi_tokenizers: dict[str, str], tiny_dataset: Path, tmp_path: Path
+    policy: str, options: list[str], pi_tokenizers: dict[str, str], tiny_dataset: Path, tmp_path: Path
 ) -> None:
     """lerobot's pi0 / pi0.5 / pi0-fast code and processors, at stand-in sizes: a resume continues bit-identically
-    (losses and final weights)."""
-    straight, out = straight_and_resumed(tiny_dataset, tmp_path, pi_tokenizers, "--policy.type", policy)
+    (losses and final weights); pi0 also in lerobot's bf16 with gradient checkpointing (under FSDP:
+    tests/test_fsdp.py)."""
+    straight, out = straight_and_resumed(tiny_dataset, tmp_path, pi_tokenizers, "--policy.type", policy, *options)
     assert same_weights(out / "model.safetensors", straight / "model.safetensors")
     assert json.loads((out / "config.json").read_text())["type"] == policy
 

@@ -10,8 +10,10 @@ only when they are DTensor shards), so a fallback to DDP fails them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,11 +35,21 @@ SHIM = REPO / "tests" / "fsdp_on_cpu.py"
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
 
 
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A port nobody listens on now (any, or the first free one from `low` up to `high`)."""
+    for port in range(low, high) if low else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
 def fsdp(processes: int = 2, config: Path = FSDP_CONFIG) -> list[str]:
     """The launcher: `accelerate launch` with the shipped FSDP config, through the CPU shim."""
-    with socket.socket() as s:  # a free port for this run's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # for this run's rendezvous
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
             str(processes), "--main_process_port", str(port), str(SHIM)]  # fmt: skip
 
@@ -251,3 +263,31 @@ def test_units_of_a_joint_layer_and_of_mixed_dtypes() -> None:
     holder = torch.nn.Module()
     holder.blocks = torch.nn.ModuleDict({"a": torch.nn.Linear(40, 40), "b": torch.nn.Linear(4, 4)})
     assert size_units(holder, 1000) == [holder.blocks["a"]]
+
+
+def test_multi_node_slurm_script_takes_the_fsdp_config(tiny_dataset: Path, tmp_path: Path) -> None:
+    """`ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml sbatch --nodes 2 launch/slurm_multi_node.sbatch OUT ...`:
+    2 "nodes" of 1 CPU process each (a stand-in srun starts the script's per-node command twice, with
+    SLURM_NODEID 0 and 1), one FSDP run across both; the shim comes in through PYTHONPATH (tests/fsdp_site)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nshift\nfor node in 0 1; do SLURM_NODEID=$node "$@" & done\n'
+        'status=0\nfor job in $(jobs -p); do wait "$job" || status=$?; done\nexit $status\n'
+    )
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1" = show ] && echo 127.0.0.1\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    job_id = free_port(21000, 40000) - 20000  # the script rendezvous on port 20000 + job id % 20000
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "n[0-1]",
+           "ACCELERATE_CONFIG": str(FSDP_CONFIG), "PYTHONPATH": str(REPO / "tests" / "fsdp_site"),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    out = tmp_path / "out"
+    script = [str(REPO / "launch" / "slurm_multi_node.sbatch"), str(out),
+              *act_args(tiny_dataset, out, "--steps", "2", "--save_freq", "2", "--val_episodes", "0")]  # fmt: skip
+    job = subprocess.run(["bash", *script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert sharding(job.stdout + job.stderr)[1] <= 0.55
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and ckpt.verify(out / "checkpoint-2") is None

@@ -186,5 +186,7 @@ class StepWindow:
             "samples_seen": state.samples_seen,
             "time": time.time(),
         }
+        if self.accelerator.device.type == "cuda":  # this process's peak since the start, weights included
+            record["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
         self._reset()
         return record

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check (one GPU, under 8 minutes on an H200): bf16 and fp16 training on the demo dataset, checkpoint,
 # resume, and the exact-resume comparison (N steps straight vs K steps + resume to N); an FSDP checkpoint (Accelerate,
-# configs/accelerate/fsdp.yaml, one process) resumed without FSDP, against fp32 straight; pi0 trained and resumed in
-# bf16 (tests/test_pi.py, at most 6 minutes). Writes docs/gpu_check.md.
+# configs/accelerate/fsdp.yaml, one process, ACT with validation) resumed without FSDP, against fp32 straight; pi0
+# trained and resumed in bf16 (tests/test_pi.py, at most 4 minutes); pi0 under the FSDP config in bf16 with gradient
+# checkpointing, peak GPU memory and samples/s (tests/test_fsdp.py, at most 2.5 minutes). Writes docs/gpu_check.md.
 #   bash scripts/gpu_check.sh            (after `make .venv/.installed` or with the venv carried along)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,9 +42,12 @@ run fsdp-part2 --output_dir "$work/fsdp-resumed" --steps 60 --save_freq 60 --res
 # pi0 (default variants, 4B parameters) in bf16: trains, checkpoints and resumes (tests/test_pi.py; its tokenizer
 # is a stand-in served by the tests' Hub). Bounded so that the rest of the report is always written.
 pi0_status=0
-timeout 360 "$py" -m pytest -m slow tests/test_pi.py -q -s -p no:cacheprovider > "$work/pi0.log" 2>&1 || pi0_status=$?
+timeout 240 "$py" -m pytest -m slow tests/test_pi.py -q -s -p no:cacheprovider > "$work/pi0.log" 2>&1 || pi0_status=$?
+fsdp_status=0
+timeout 150 "$py" -m pytest -m slow tests/test_fsdp.py -q -s -p no:cacheprovider > "$work/pi0_fsdp.log" 2>&1 \
+    || fsdp_status=$?
 
-"$py" - "$work" "$report" "$pi0_status" <<'PY'
+"$py" - "$work" "$report" "$pi0_status" "$fsdp_status" <<'PY'
 import json, sys
 from pathlib import Path
 import torch
@@ -64,13 +68,20 @@ for precision in ("bf16", "fp16"):
 a, b = load_file(work / "fp32-straight" / "model.safetensors"), load_file(work / "fsdp-resumed" / "model.safetensors")
 diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 ckpt = sorted(p.name for p in (work / "fsdp-resumed" / "checkpoint-37").iterdir())
+validation = [json.loads(l) for l in (work / "fsdp-resumed" / "metrics.jsonl").read_text().splitlines() if "val_" in l]
 lines += ["", f"FSDP (1 process) 37 steps, then resumed without FSDP to 60, vs fp32 straight: max abs weight diff {diff:.3g}; "
-          f"FSDP checkpoint files: {', '.join(ckpt)}"]
+          f"FSDP checkpoint files: {', '.join(ckpt)}; validation records under FSDP: {validation[:2]}"]
 status = int(sys.argv[3])
 pi0 = [line for line in (work / "pi0.log").read_text().splitlines() if line.startswith("pi0 bf16") or " passed" in line
        or " failed" in line or " skipped" in line]
-outcome = {0: "passed", 124: "timed out after 360 s"}.get(status, f"failed (exit {status})")
+outcome = {0: "passed", 124: "timed out after 240 s"}.get(status, f"failed (exit {status})")
 lines += ["", f"pi0 bf16 train + resume (`pytest -m slow tests/test_pi.py`): {outcome}", *[f"    {line}" for line in pi0]]
+status = int(sys.argv[4])
+fsdp = [line for line in (work / "pi0_fsdp.log").read_text().splitlines() if line.startswith("pi0 FSDP") or " passed" in line
+        or " failed" in line or " skipped" in line or line.startswith("E ")][:20]
+outcome = {0: "passed", 124: "timed out after 150 s"}.get(status, f"failed (exit {status})")
+lines += ["", f"pi0 under configs/accelerate/fsdp.yaml, bf16, gradient checkpointing (`pytest -m slow tests/test_fsdp.py`): {outcome}",
+          *[f"    {line}" for line in fsdp]]
 report.write_text("\n".join(lines) + "\n")
 print(report.read_text())
 PY

@@ -291,3 +291,28 @@ def test_multi_node_slurm_script_takes_the_fsdp_config(tiny_dataset: Path, tmp_p
     assert sharding(job.stdout + job.stderr)[1] <= 0.55
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and ckpt.verify(out / "checkpoint-2") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pi0 has 4B parameters: a GPU check")
+def test_pi0_at_real_size_under_fsdp_on_a_gpu(
+    pi_tokenizers: dict[str, str],  # noqa: F811 (the fixture)
+    tiny_dataset: Path,
+    tmp_path: Path,
+) -> None:
+    """pi0 (default variants) under the shipped FSDP config on one GPU, bf16 (FSDP2's policy) with gradient
+    checkpointing: 4 steps train, checkpoint at 2 and 4; prints peak GPU memory and samples/s (scripts/gpu_check.sh
+    reports them)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+                "--num_processes", "1", "--main_process_port", str(free_port())]  # fmt: skip
+    options = ["--policy.type", "pi0", "--mixed_precision", "bf16", "--policy.gradient_checkpointing=true",
+               "--num_workers", "2", "--steps", "4"]  # fmt: skip
+    out = tmp_path / "out"
+    result = run_cli(pi_args(tiny_dataset, out, *options), launcher, env=pi_tokenizers, timeout=900)
+    assert_ok(result)
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and ckpt.verify(out / "checkpoint-4") is None
+    print(
+        f"pi0 FSDP bf16 gradient checkpointing: peak GPU memory {max(r['gpu_peak_gb'] for r in records):.1f} GiB, "
+        f"samples/s {records[-1]['samples_per_s']:.2f} (step 4), {sharding(result.stderr)[0]} FSDP units"
+    )

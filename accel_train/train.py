@@ -200,7 +200,8 @@ def start_processes() -> PartialState:
 def make_accelerator(cfg: TrainConfig, processes: PartialState) -> Accelerator:
     accelerator = Accelerator(
         cpu=processes.device.type == "cpu",
-        mixed_precision=cfg.mixed_precision,
+        # --mixed_precision bf16|fp16 wins; otherwise the launcher's (configs/accelerate/bf16.yaml), else none.
+        mixed_precision=None if cfg.mixed_precision == "no" else cfg.mixed_precision,
         # The schedule advances once per optimizer step, whatever the number of processes (as lerobot-train).
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -259,7 +260,7 @@ def summarize(step: Components, data: TrainingData, begin: Start, state: Trainer
         cfg.gradient_accumulation_steps,
         accelerator.num_processes,
         accelerator.device.type,
-        cfg.mixed_precision,
+        accelerator.mixed_precision,
         cfg.save_freq,
         cfg.output_dir,
         data.frame_cache,

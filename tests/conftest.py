@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -56,6 +57,37 @@ def run_cli(
     command = [*(launcher or [sys.executable]), str(TRAIN), *args]
     environment = os.environ.copy() if env is None else env
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A port nobody listens on now (any, or the first free one from `low` up to `high`)."""
+    for port in range(low, high) if low else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def two_node_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of launch/slurm_multi_node.sbatch in a 2-node allocation of 1 process each, on this
+    machine: stand-ins for srun (the per-node command twice, SLURM_NODEID 0 and 1, concurrently) and scontrol
+    (this host; requeue does nothing), and a job id whose rendezvous port (20000 + id) is free."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nshift\nfor node in 0 1; do SLURM_NODEID=$node "$@" & done\n'
+        'status=0\nfor job in $(jobs -p); do wait "$job" || status=$?; done\nexit $status\n'
+    )
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1" = show ] && echo 127.0.0.1\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    job_id = free_port(21000, 40000) - 20000
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+            "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOB_NODELIST": "n[0-1]", "OMP_NUM_THREADS": "1"}  # fmt: skip
 
 
 def losses(output_dir: Path) -> list[tuple[int, float]]:

@@ -10,9 +10,7 @@ only when they are DTensor shards), so a fallback to DDP fails them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, base_args, losses, run_cli, same_weights
+from conftest import REPO, assert_ok, base_args, free_port, losses, run_cli, same_weights, two_node_slurm
 from safetensors.torch import load_file
 from test_finetune import LORA, pretrained_copy
 from test_layout_and_launch import SPEC_FILES
@@ -33,18 +31,6 @@ from accel_train.sharding import check_fsdp_settings, dtype_uniform, joint_parts
 
 SHIM = REPO / "tests" / "fsdp_on_cpu.py"
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
-
-
-def free_port(low: int = 0, high: int = 0) -> int:
-    """A port nobody listens on now (any, or the first free one from `low` up to `high`)."""
-    for port in range(low, high) if low else [0]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def fsdp(processes: int = 2, config: Path = FSDP_CONFIG) -> list[str]:
@@ -269,20 +255,8 @@ def test_multi_node_slurm_script_takes_the_fsdp_config(tiny_dataset: Path, tmp_p
     """`ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml sbatch --nodes 2 launch/slurm_multi_node.sbatch OUT ...`:
     2 "nodes" of 1 CPU process each (a stand-in srun starts the script's per-node command twice, with
     SLURM_NODEID 0 and 1), one FSDP run across both; the shim comes in through PYTHONPATH (tests/fsdp_site)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(
-        '#!/usr/bin/env bash\nshift\nfor node in 0 1; do SLURM_NODEID=$node "$@" & done\n'
-        'status=0\nfor job in $(jobs -p); do wait "$job" || status=$?; done\nexit $status\n'
-    )
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1" = show ] && echo 127.0.0.1\n')
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
-    job_id = free_port(21000, 40000) - 20000  # the script rendezvous on port 20000 + job id % 20000
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
-           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "n[0-1]",
-           "ACCELERATE_CONFIG": str(FSDP_CONFIG), "PYTHONPATH": str(REPO / "tests" / "fsdp_site"),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {**two_node_slurm(tmp_path), "ACCELERATE_CONFIG": str(FSDP_CONFIG),
+           "PYTHONPATH": str(REPO / "tests" / "fsdp_site")}  # fmt: skip
     out = tmp_path / "out"
     script = [str(REPO / "launch" / "slurm_multi_node.sbatch"), str(out),
               *act_args(tiny_dataset, out, "--steps", "2", "--save_freq", "2", "--val_episodes", "0")]  # fmt: skip

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, STRAIGHT_STEPS, TRAIN, assert_ok, base_args, losses, run_cli, same_weights
+from conftest import (
+    REPO,
+    STRAIGHT_STEPS,
+    TRAIN,
+    assert_ok,
+    base_args,
+    free_port,
+    losses,
+    run_cli,
+    same_weights,
+    two_node_slurm,
+)
 from safetensors.torch import load_file
 
 from accel_train import checkpoint as ckpt
@@ -104,14 +115,6 @@ def test_two_processes_resume_exactly_and_on_one_process(tiny_dataset: Path, tmp
     assert state["num_processes"] == 1
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_nodes_train_together_and_checkpoint_once(tiny_dataset: Path, tmp_path: Path) -> None:
     """Multi-node, simulated on one machine: two torchrun "nodes" of one process each, one rendezvous."""
     out, port = tmp_path / "out", free_port()
@@ -180,3 +183,35 @@ def test_slurm_script_requeues_on_the_warning_signal(tiny_dataset: Path, tmp_pat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert requeued.read_text().count("requeue") == 1
     assert f"Resumed from {stopped}" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("command", ["multi_gpu.yaml", "bf16.yaml", "local_multi_gpu.sh", "slurm_multi_node.sbatch"])
+def test_readme_scaling_out_commands(command: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    """The README's Scaling-out commands, with 2 CPU processes (gloo) for 8 GPUs: each trains both processes and
+    writes a verified checkpoint. (torchrun, several torchrun nodes and the single-node SLURM script: the tests
+    above; the FSDP config and the multi-node script with it: tests/test_fsdp.py.)"""
+    out = tmp_path / "out"
+    args = base_args(tiny_dataset, out, "--steps", "2", "--save_freq", "2", "--batch_size", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if command.endswith(".yaml"):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(REPO / "configs" / "accelerate" / command), "--num_processes", "2", "--main_process_port",
+                  str(free_port()), str(TRAIN)]  # fmt: skip
+        result = subprocess.run([*launch, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    elif command == "local_multi_gpu.sh":  # it counts the GPUs with nvidia-smi: a stand-in lists 2
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+        env["PATH"] = f"{bin_dir}:{env['PATH']}"
+        script = [str(REPO / "launch" / command), str(out), *args]
+        result = subprocess.run(["bash", *script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    else:
+        script = [str(REPO / "launch" / command), str(out), *args]
+        result = subprocess.run(["bash", *script], cwd=REPO, env=two_node_slurm(tmp_path), capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "Effective batch 8 = 4 per device x 2 processes" in log
+    assert ("Precision: bf16" in log) == (command == "bf16.yaml")
+    assert ckpt.verify(out / "checkpoint-2") is None

@@ -282,12 +282,6 @@ def gather_for_inference(policy: torch.nn.Module) -> None:
                 register_fsdp_forward_method(policy, method)
 
 
-def unit_count(policy: torch.nn.Module) -> int:
-    """FSDP units: modules that FSDP2 manages (a joint layer's parts count once, by their shared state)."""
-    states = {id(fully_shard.state(m)._fsdp_param_group) for m in policy.modules() if isinstance(m, FSDPModule)}
-    return len(states)
-
-
 @dataclass(frozen=True)
 class Footprint:
     """Bytes of training state, this process's share and the unsharded total: parameters, their gradients (one per

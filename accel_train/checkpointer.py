@@ -19,7 +19,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -31,11 +31,10 @@ from lerobot.policies import PreTrainedPolicy
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor, Shard
 
 from accel_train.checkpoint import (
     OPTIMIZER_FILE,
@@ -68,8 +67,6 @@ log = logging.getLogger(__name__)
 # Accelerate's save_state names -> ours. Its per-rank `random_states_<rank>.pkl` are dropped: no RNG state is
 # needed (see accel_train.checkpoint).
 ACCELERATE_FILES = {"optimizer.bin": OPTIMIZER_FILE, "scheduler.bin": SCHEDULER_FILE, "scaler.pt": SCALER_FILE}
-# Full (consolidated) state dicts of an FSDP policy, on the main process's CPU, one tensor gathered at a time.
-GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 # Plain-attribute counters that steer training: VQ-BeT counts the steps of its VQ-VAE phase in
@@ -203,20 +200,6 @@ def parameter_names(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return [names[param] for group in optimizer.param_groups for param in group["params"]]
 
 
-def indexed_optimizer_state(by_name: dict[str, Any]) -> dict[str, Any]:
-    """A consolidated FSDP optimizer state (keyed by parameter name) in `optimizer.state_dict()`'s format.
-
-    torch's full optimizer state dict names parameters; a plain optimizer numbers them in param_groups order.
-    Written in the plain format, an FSDP checkpoint loads into a single-GPU run like any other.
-    """
-    order = [name for group in by_name["param_groups"] for name in group["params"]]
-    index = {name: i for i, name in enumerate(order)}
-    return {
-        "state": {index[name]: value for name, value in by_name["state"].items()},
-        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in by_name["param_groups"]],
-    }
-
-
 def load_sharded_optimizer(
     checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
 ) -> None:
@@ -240,12 +223,12 @@ def load_sharded_optimizer(
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def _own_storage(value: Any) -> Any:
-    """A gathered tensor can be a view into a larger buffer: safetensors refuses such a tensor and torch.save
-    would write the whole buffer. A copy of just its elements then."""
-    if torch.is_tensor(value) and value.untyped_storage().nbytes() != value.numel() * value.element_size():
-        return value.clone()
-    return value
+@dataclass(frozen=True)
+class LocalRows:
+    """A rank's rows of a tensor that FSDP2 shards on dim 0 (a CPU copy), and the full tensor's shape."""
+
+    rows: torch.Tensor
+    shape: torch.Size
 
 
 class StateSnapshot:
@@ -298,25 +281,54 @@ class StateSnapshot:
             "param_groups": copy.deepcopy(state_dict["param_groups"]),
         }
 
-    def take_gathered(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, is_main: bool) -> None:
-        """Under FSDP, on every rank (the gathers are collective): the full weights and optimizer state, gathered
-        to the main process's CPU memory one tensor at a time. They are new tensors that training never touches,
-        so the writer thread serialises them as they are; the optimizer state goes into the plain format."""
-        adapted = is_adapted(policy)  # adapters only: the frozen base is never gathered
-        weights = get_model_state_dict(policy, options=replace(GATHERED, ignore_frozen_params=adapted))
-        optimizer_state = get_optimizer_state_dict(policy, optimizer, options=GATHERED)
-        if is_main:
-            self._copied = None
-            weights = {name: _own_storage(t) for name, t in weights.items()}
-            if adapted:
-                from peft.utils import get_peft_model_state_dict
+    def _copy_local(self, key: str, tensor: torch.Tensor) -> torch.Tensor | LocalRows:
+        """This rank's part of a tensor: FSDP2's rows of a sharded one (its dim-0 chunk), or a copy of the whole."""
+        if not isinstance(tensor, DTensor):
+            return self._copy(key, tensor)
+        if tensor.placements != (Shard(0),):  # not FSDP2's layout: gathered now, in the foreground
+            return self._copy(key, tensor.full_tensor())
+        return LocalRows(self._copy(key, tensor.to_local()), tensor.shape)
 
-                weights = get_peft_model_state_dict(policy, state_dict=weights)
-            tied = tied_names(weights)
-            self.policy_metadata = tied or None
-            self.policy = {name: t for name, t in weights.items() if name not in tied}
-            state = {name: {k: _own_storage(v) for k, v in s.items()} for name, s in optimizer_state["state"].items()}
-            self.optimizer = indexed_optimizer_state({**optimizer_state, "state": state})
+    def take_shards(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Under FSDP, on every rank (from save_state's hook): this rank's shards of the policy's weights (or
+        adapters) and of the optimizer state, copied into reused CPU buffers like `take_policy`, about 1/N of
+        what a DDP process copies. `gather` assembles them in the writer thread."""
+        self._copied = None
+        self.policy_metadata = None  # FSDP's tensors are never tied (tied_names)
+        self.policy = {name: self._copy_local(f"policy/{name}", t) for name, t in policy_state(policy).items()}
+        state_dict = optimizer.state_dict()
+        self.optimizer = {
+            "state": {
+                index: {
+                    key: self._copy_local(f"optimizer/{index}/{key}", v) if torch.is_tensor(v) else copy.deepcopy(v)
+                    for key, v in values.items()
+                }
+                for index, values in state_dict["state"].items()
+            },
+            "param_groups": copy.deepcopy(state_dict["param_groups"]),
+        }
+
+    def gather(self, group: torch.distributed.ProcessGroup, is_main: bool) -> None:
+        """In the writer thread of every rank, over `group` (its own, so as not to interleave with training's
+        collectives): each sharded tensor's rows gathered to the main process, which then holds the full policy
+        and optimizer state in the plain formats. The same order on every rank: the dicts' order."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        main = torch.distributed.get_global_rank(group, 0)
+
+        def full(value: Any) -> Any:
+            if not isinstance(value, LocalRows):
+                return value
+            world, total = group.size(), value.shape[0]
+            rows = -(-total // world)  # FSDP2 gives rank r rows [r * rows, (r + 1) * rows), the last ones fewer
+            padded = torch.zeros((rows, *value.shape[1:]), dtype=value.rows.dtype)
+            padded[: value.rows.shape[0]] = value.rows
+            chunks = [torch.empty_like(padded) for _ in range(world)] if is_main else None
+            torch.distributed.gather(padded, chunks, dst=main, group=group)
+            return torch.cat(chunks)[:total].clone() if is_main else None
+
+        self.policy = {name: full(t) for name, t in self.policy.items()}
+        self.optimizer["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in self.optimizer["state"].items()}
 
     def mark_taken(self) -> None:
         """After save_state (training thread): marks the end of the copies queued on the GPU stream."""
@@ -363,6 +375,8 @@ class Checkpointer:
         # Under FSDP the state is gathered into the snapshot, then written once (in the background unless
         # --async_checkpoint false).
         self.snapshot = StateSnapshot() if self.asynchronous or self.sharded else None
+        # Under FSDP every rank's writer thread gathers shards over a group of its own (gloo: CPU tensors).
+        self._gather_group = torch.distributed.new_group(backend="gloo") if self.sharded else None
         self._state: TrainerState | None = None
         self._error: Exception | None = None
         self._writer: threading.Thread | None = None
@@ -407,14 +421,14 @@ class Checkpointer:
         """Write the policy and processors ourselves, in lerobot's formats, instead of Accelerate's model file.
 
         Runs on every rank. Popping the weights stops Accelerate from writing its own model.safetensors (under
-        DDP with `module.` prefixes). Under FSDP every rank takes part in gathering the weights and optimizer
-        state into the snapshot (`_save_state` keeps Accelerate from gathering and writing its own copies).
+        DDP with `module.` prefixes). Under FSDP every rank copies its shards of the weights and optimizer state
+        into the snapshot (`_save_state` keeps Accelerate from gathering and writing its own copies).
         """
         weights.clear()
         policy = self.accelerator.unwrap_model(self.parts.policy)
         try:
             if self.sharded:
-                self.snapshot.take_gathered(policy, self.parts.optimizer.optimizer, self.accelerator.is_main_process)
+                self.snapshot.take_shards(policy, self.parts.optimizer.optimizer)
             if not self.accelerator.is_main_process:
                 return
             if self.snapshot is not None and not self.sharded:
@@ -477,11 +491,13 @@ class Checkpointer:
         errors = [e for e in gather_object([describe(self._error) if self._error else None]) if e]
         if errors:
             self._fail(state.step, errors[0], tmp)
-        if self.accelerator.is_main_process and self.asynchronous:
-            self._writer = threading.Thread(target=self._publish, args=(tmp, final), name=f"write-{final.name}")
+        main = self.accelerator.is_main_process
+        background = self._gather_and_publish if self.sharded else self._publish if main else None
+        if background is not None and self.asynchronous:
+            self._writer = threading.Thread(target=background, args=(tmp, final), name=f"write-{final.name}")
             self._writer.start()
-        elif self.accelerator.is_main_process:
-            self._publish(tmp, final)
+        elif background is not None:
+            background(tmp, final)
         if not self.asynchronous:
             self.wait()  # a failed write stops every rank now
         return final
@@ -499,7 +515,7 @@ class Checkpointer:
         finally:
             if hook is not None:
                 hook.remove()
-        if self.snapshot is not None and self.accelerator.is_main_process:
+        if self.snapshot is not None and (self.accelerator.is_main_process or self.sharded):
             self.snapshot.mark_taken()
 
     @contextmanager
@@ -539,6 +555,17 @@ class Checkpointer:
         failures = [f for f in gather_object([failure]) if f]
         if failures:
             self._fail(*failures[0])
+
+    def _gather_and_publish(self, tmp: Path, final: Path) -> None:
+        """Under FSDP, the background half of a save on every rank: the shards gathered to the main process
+        (collective), which then publishes as `_publish` does."""
+        try:
+            self.snapshot.gather(self._gather_group, self.accelerator.is_main_process)
+        except Exception as error:  # reported by every rank at the next wait(), as in _publish
+            self._background_failure = (step_from_name(final), describe(error))
+            return
+        if self.accelerator.is_main_process:
+            self._publish(tmp, final)
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """The background half of a save (main process): flush, manifest, rename; then push and prune."""

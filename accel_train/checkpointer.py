@@ -13,6 +13,7 @@ and publishing it run in a background thread.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import logging
 import shutil
@@ -267,13 +268,15 @@ class StateSnapshot:
         self.policy_metadata = tied or None  # save_model's header: {dropped: kept}, or none
         self.policy = {name: self._copy(f"policy/{name}", t) for name, t in weights.items() if name not in tied}
 
-    def take_optimizer(self, state_dict: dict[str, Any]) -> None:
-        """Tensors into the reused buffers; anything else (param_groups, nested values) deep-copied, since the
-        training thread goes on changing the optimizer while the writer serialises this."""
+    def take_optimizer(self, state_dict: dict[str, Any], copy_tensor: Any = None) -> None:
+        """Tensors into the reused buffers (through `copy_tensor`, `_copy` by default); anything else (param_groups,
+        nested values) deep-copied, since the training thread goes on changing the optimizer while the writer
+        serialises this."""
+        copy_tensor = copy_tensor or self._copy
         self.optimizer = {
             "state": {
                 index: {
-                    key: self._copy(f"optimizer/{index}/{key}", v) if torch.is_tensor(v) else copy.deepcopy(v)
+                    key: copy_tensor(f"optimizer/{index}/{key}", v) if torch.is_tensor(v) else copy.deepcopy(v)
                     for key, v in values.items()
                 }
                 for index, values in state_dict["state"].items()
@@ -296,17 +299,7 @@ class StateSnapshot:
         self._copied = None
         self.policy_metadata = None  # FSDP's tensors are never tied (tied_names)
         self.policy = {name: self._copy_local(f"policy/{name}", t) for name, t in policy_state(policy).items()}
-        state_dict = optimizer.state_dict()
-        self.optimizer = {
-            "state": {
-                index: {
-                    key: self._copy_local(f"optimizer/{index}/{key}", v) if torch.is_tensor(v) else copy.deepcopy(v)
-                    for key, v in values.items()
-                }
-                for index, values in state_dict["state"].items()
-            },
-            "param_groups": copy.deepcopy(state_dict["param_groups"]),
-        }
+        self.take_optimizer(optimizer.state_dict(), self._copy_local)
 
     def gather(self, group: torch.distributed.ProcessGroup, is_main: bool) -> None:
         """In the writer thread of every rank, over `group` (its own, so as not to interleave with training's
@@ -321,11 +314,15 @@ class StateSnapshot:
                 return value
             world, total = group.size(), value.shape[0]
             rows = -(-total // world)  # FSDP2 gives rank r rows [r * rows, (r + 1) * rows), the last ones fewer
-            padded = torch.zeros((rows, *value.shape[1:]), dtype=value.rows.dtype)
-            padded[: value.rows.shape[0]] = value.rows
-            chunks = [torch.empty_like(padded) for _ in range(world)] if is_main else None
-            torch.distributed.gather(padded, chunks, dst=main, group=group)
-            return torch.cat(chunks)[:total].clone() if is_main else None
+            mine = value.rows
+            if mine.shape[0] != rows:
+                mine = torch.cat([mine, mine.new_zeros((rows - mine.shape[0], *value.shape[1:]))])
+            # The main process receives straight into one tensor (padded to `world` equal chunks).
+            out = torch.empty((rows * world, *value.shape[1:]), dtype=mine.dtype) if is_main else None
+            torch.distributed.gather(mine, list(out.chunk(world)) if is_main else None, dst=main, group=group)
+            if not is_main:
+                return None
+            return out if rows * world == total else out[:total].clone()  # safetensors wants tensors that own
 
         self.policy = {name: full(t) for name, t in self.policy.items()}
         self.optimizer["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in self.optimizer["state"].items()}
@@ -376,7 +373,12 @@ class Checkpointer:
         # --async_checkpoint false).
         self.snapshot = StateSnapshot() if self.asynchronous or self.sharded else None
         # Under FSDP every rank's writer thread gathers shards over a group of its own (gloo: CPU tensors).
-        self._gather_group = torch.distributed.new_group(backend="gloo") if self.sharded else None
+        # A timeout, so that a rank whose gather failed stops the others with an error rather than a hang.
+        self._gather_group = (
+            torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(minutes=10))
+            if self.sharded
+            else None
+        )
         self._state: TrainerState | None = None
         self._error: Exception | None = None
         self._writer: threading.Thread | None = None
@@ -566,6 +568,7 @@ class Checkpointer:
             return
         if self.accelerator.is_main_process:
             self._publish(tmp, final)
+        self.snapshot.policy, self.snapshot.optimizer = {}, None  # the full copy, freed once written
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """The background half of a save (main process): flush, manifest, rename; then push and prune."""

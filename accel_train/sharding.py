@@ -47,7 +47,7 @@ class FamilyUnits:
     joint: tuple[str, ...] = ()
 
 
-# Read from lerobot 0.6.1 (transformers 5.5, torchvision's ResNets); tests/test_fsdp_trainer.py checks them.
+# Read from lerobot 0.6.1 (transformers 5.5, torchvision's ResNets); tests/test_fsdp.py checks them.
 RESNET_BLOCKS = ("BasicBlock", "Bottleneck")
 PI_FAMILY = FamilyUnits(layers=("SiglipEncoderLayer",), joint=("_PiGemmaDecoderLayerBase",))
 POLICY_UNITS = {
@@ -84,6 +84,16 @@ def check_fsdp_settings(accelerator: Accelerator) -> None:
             "consolidated policy.safetensors and optimizer_state.pth, so set fsdp_state_dict_type: "
             "FULL_STATE_DICT in the Accelerate config (as configs/accelerate/fsdp.yaml does)."
         )
+    for option, instead in (
+        ("activation_checkpointing", "the policy's own --policy.gradient_checkpointing=true (SmolVLA, pi0 family)"),
+        ("cpu_ram_efficient_loading", "false (each process builds the policy, then shards it)"),
+    ):
+        if getattr(plugin, option, False):
+            raise UsageError(
+                f"FSDP with fsdp_{option}: true, which accel-train does not apply (it shards the policy layer by "
+                f"layer itself, before Accelerate sees it). Use {instead}; configs/accelerate/fsdp.yaml sets it "
+                "false."
+            )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError(
             "FSDP with --mixed_precision fp16 on CPU: FSDP2 keeps the gathered parameters in fp16, and on CPU "
@@ -192,9 +202,15 @@ def choose_units(policy: torch.nn.Module, policy_type: str, plugin) -> tuple[lis
                 f"{', '.join(classes_of(policy))}. Name some of those, or leave fsdp_auto_wrap_policy out of the "
                 "config (as configs/accelerate/fsdp.yaml does) and the trainer chooses the units."
             )
-        joint = [n for n in names if n in POLICY_UNITS.get(policy_type, FamilyUnits(())).joint]
+        family = POLICY_UNITS.get(policy_type, FamilyUnits(()))
+        inside = {type(m).__name__ for m in policy.modules() if m in _inside_joint_layers(policy, family.joint)}
+        if inside & set(names):
+            raise _joint_refusal(policy_type, f"names {', '.join(sorted(inside & set(names)))}, inside them")
+        joint = [n for n in names if n in family.joint]
         return class_units(policy, names, joint), f"the config's classes ({', '.join(names)})"
     if policy_fn is size_based_auto_wrap_policy:
+        if POLICY_UNITS.get(policy_type, FamilyUnits(())).joint:
+            raise _joint_refusal(policy_type, "(SIZE_BASED_WRAP) picks modules by size, inside them too")
         return size_units(policy, plugin.min_num_params), f"the config's size rule ({plugin.min_num_params:,} params)"
     if policy_fn is not None:
         raise UsageError(
@@ -216,6 +232,21 @@ def choose_units(policy: torch.nn.Module, policy_type: str, plugin) -> tuple[lis
     return units, f"accel-train's layers for {policy_type}"
 
 
+def _inside_joint_layers(policy: torch.nn.Module, joint: Iterable[str]) -> set[torch.nn.Module]:
+    joint = set(joint)
+    return {m for layer in policy.modules() if type(layer).__name__ in joint for m in layer.modules() if m is not layer}
+
+
+def _joint_refusal(policy_type: str, what: str) -> UsageError:
+    joint = ", ".join(POLICY_UNITS[policy_type].joint)
+    return UsageError(
+        f"The Accelerate config's FSDP wrap policy {what}: the {policy_type} policy's language-model layers "
+        f"({joint}) run as one joint attention that calls their parts directly, never a module's forward inside "
+        "them, so a unit there is never gathered. Leave fsdp_auto_wrap_policy out of the config (as "
+        f"configs/accelerate/fsdp.yaml does) for accel-train's units, or name {joint} itself."
+    )
+
+
 def fsdp_kwargs(accelerator: Accelerator) -> dict:
     """fully_shard's settings from the Accelerate plugin, as Accelerate's own fsdp2_prepare_model builds them."""
     plugin = accelerator.state.fsdp_plugin
@@ -232,6 +263,10 @@ def shard_units(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, polic
     """Shard the policy's units (before `accelerator.prepare`, which shards the rest as the root) and point the
     optimizer at the sharded parameters. Returns the number of units, the root included."""
     plugin = accelerator.state.fsdp_plugin
+    if accelerator.mixed_precision != "no":  # fp32 master weights, as Accelerate would upcast them, before sharding
+        for param in policy.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     layers, origin = choose_units(policy, policy_type, plugin)
     units = dtype_uniform(layers, policy)
     before = {param: name for name, param in policy.named_parameters()}

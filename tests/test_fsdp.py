@@ -27,7 +27,7 @@ from test_policies import smolvla, vlm  # noqa: F401 (a fixture)
 
 from accel_train import checkpoint as ckpt
 from accel_train.errors import UsageError
-from accel_train.sharding import check_fsdp_settings, dtype_uniform, joint_parts, size_units
+from accel_train.sharding import check_fsdp_settings, choose_units, dtype_uniform, joint_parts, size_units
 
 SHIM = REPO / "tests" / "fsdp_on_cpu.py"
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -143,7 +143,7 @@ def test_smolvla_shards_every_layer_and_resumes_bit_identically(
 
     def args(name: str, *extra: str) -> list[str]:
         return ["--dataset.repo_id", "local/piper_demo", "--dataset.root", str(tiny_dataset), "--demo_dataset=false",
-                "--batch_size", "4", "--log_freq", "1", "--val_episodes", "0", "--save_freq", "2", "--num_workers",
+                "--batch_size", "4", "--log_freq", "1", "--val_episodes", "1", "--save_freq", "2", "--num_workers",
                 "0", "--output_dir", str(tmp_path / name), *smolvla(vlm), *extra]  # fmt: skip
 
     log, _ = straight_and_resumed(fsdp(), args)
@@ -163,7 +163,8 @@ def test_pi0_shards_every_layer_and_resumes_bit_identically(
     variant = ["--policy.dtype=bfloat16", "--policy.gradient_checkpointing=true"]
 
     def args(name: str, *extra: str) -> list[str]:
-        return pi_args(tiny_dataset, tmp_path / name, "--policy.type", "pi0", "--num_workers", "0", *variant, *extra)
+        return pi_args(tiny_dataset, tmp_path / name, "--policy.type", "pi0", "--num_workers", "0", "--val_episodes",
+                       "1", *variant, *extra)  # fmt: skip
 
     log, _ = straight_and_resumed([*fsdp(), STAND_IN_SIZES[1]], args, env=pi_tokenizers)
     units, share = sharding(log)
@@ -203,10 +204,13 @@ def test_a_config_naming_classes_the_policy_lacks_is_refused(tiny_dataset: Path,
     assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
 
 
-def fake_fsdp_accelerator(state_dict_type: str = "FULL_STATE_DICT", mixed_precision: str = "no", version: int = 2):
+def fake_fsdp_accelerator(
+    state_dict_type: str = "FULL_STATE_DICT", mixed_precision: str = "no", version: int = 2, **plugin_options: bool
+):
     from accelerate.utils import DistributedType
 
-    plugin = SimpleNamespace(fsdp_version=version, state_dict_type=SimpleNamespace(name=state_dict_type))
+    state_dict = SimpleNamespace(name=state_dict_type)
+    plugin = SimpleNamespace(fsdp_version=version, state_dict_type=state_dict, **plugin_options)
     return SimpleNamespace(
         distributed_type=DistributedType.FSDP,
         state=SimpleNamespace(fsdp_plugin=plugin),
@@ -221,6 +225,7 @@ def fake_fsdp_accelerator(state_dict_type: str = "FULL_STATE_DICT", mixed_precis
         ({"state_dict_type": "SHARDED_STATE_DICT"}, "set fsdp_state_dict_type: FULL_STATE_DICT"),
         ({"mixed_precision": "fp16"}, "Use --mixed_precision bf16"),
         ({"version": 1}, "Set fsdp_version: 2"),
+        ({"activation_checkpointing": True}, "--policy.gradient_checkpointing=true"),
     ],
 )
 def test_fsdp_settings_the_trainer_cannot_honour_are_refused(settings: dict, expected: str) -> None:
@@ -249,6 +254,18 @@ def test_units_of_a_joint_layer_and_of_mixed_dtypes() -> None:
     holder = torch.nn.Module()
     holder.blocks = torch.nn.ModuleDict({"a": torch.nn.Linear(40, 40), "b": torch.nn.Linear(4, 4)})
     assert size_units(holder, 1000) == [holder.blocks["a"]]
+
+    # A VLA's joint layers: a wrap policy whose units would sit inside them (never gathered) is refused.
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    by_size = SimpleNamespace(auto_wrap_policy=size_based_auto_wrap_policy, min_num_params=10)
+    by_class = SimpleNamespace(
+        auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=["LlamaMLP"]
+    )
+    for plugin in (by_size, by_class):
+        with pytest.raises(UsageError, match="run as one joint attention"):
+            choose_units(root, "smolvla", plugin)
+    assert choose_units(root, "act", by_class)[0] == [layer.mlp]
 
 
 def test_multi_node_slurm_script_takes_the_fsdp_config(tiny_dataset: Path, tmp_path: Path) -> None:

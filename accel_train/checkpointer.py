@@ -228,6 +228,7 @@ def load_sharded_optimizer(
 class LocalRows:
     """A rank's rows of a tensor that FSDP2 shards on dim 0 (a CPU copy), and the full tensor's shape."""
 
+    key: str
     rows: torch.Tensor
     shape: torch.Size
 
@@ -241,7 +242,8 @@ class StateSnapshot:
     holds CPU tensors where a GPU run's synchronous save would tag them with the GPU (loading maps them to CPU
     either way). The price: host memory for one checkpoint's tensors, for the whole run, taken at the first save;
     pinned buffers come from torch's host allocator, which rounds each up to a power of two
-    (`--async_checkpoint false` does without).
+    (`--async_checkpoint false` does without, except under FSDP: there each process keeps buffers for its shards,
+    and the main process also for the full state it gathers and writes).
     """
 
     def __init__(self) -> None:
@@ -251,10 +253,15 @@ class StateSnapshot:
         self.policy_metadata: dict[str, str] | None = None
         self.optimizer: dict[str, Any] | None = None
 
-    def _copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, key: str, shape: torch.Size, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+        """The CPU buffer named `key`, allocated once and reused by every later checkpoint."""
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        return buffer
+
+    def _copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffer(key, tensor.shape, tensor.dtype, pin=tensor.is_cuda)
         buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
         if tensor.is_cuda and self._copied is None:
             self._copied = torch.cuda.Event()
@@ -290,7 +297,7 @@ class StateSnapshot:
             return self._copy(key, tensor)
         if tensor.placements != (Shard(0),):  # not FSDP2's layout: gathered now, in the foreground
             return self._copy(key, tensor.full_tensor())
-        return LocalRows(self._copy(key, tensor.to_local()), tensor.shape)
+        return LocalRows(key, self._copy(key, tensor.to_local()), tensor.shape)
 
     def take_shards(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Under FSDP, on every rank (from save_state's hook): this rank's shards of the policy's weights (or
@@ -304,7 +311,10 @@ class StateSnapshot:
     def gather(self, group: torch.distributed.ProcessGroup, is_main: bool) -> None:
         """In the writer thread of every rank, over `group` (its own, so as not to interleave with training's
         collectives): each sharded tensor's rows gathered to the main process, which then holds the full policy
-        and optimizer state in the plain formats. The same order on every rank: the dicts' order."""
+        and optimizer state in the plain formats. The same order on every rank: the dicts' order. Every buffer is
+        reused from one checkpoint to the next, as `_copy`'s are: allocating the full state anew at each save made
+        the main process's memory grow by about a checkpoint each time (freed memory that glibc's per-thread
+        arenas keep)."""
         if self._copied is not None:
             self._copied.synchronize()
         main = torch.distributed.get_global_rank(group, 0)
@@ -312,17 +322,19 @@ class StateSnapshot:
         def full(value: Any) -> Any:
             if not isinstance(value, LocalRows):
                 return value
-            world, total = group.size(), value.shape[0]
+            world, total, rest, dtype = group.size(), value.shape[0], value.shape[1:], value.rows.dtype
             rows = -(-total // world)  # FSDP2 gives rank r rows [r * rows, (r + 1) * rows), the last ones fewer
             mine = value.rows
-            if mine.shape[0] != rows:
-                mine = torch.cat([mine, mine.new_zeros((rows - mine.shape[0], *value.shape[1:]))])
-            # The main process receives straight into one tensor (padded to `world` equal chunks).
-            out = torch.empty((rows * world, *value.shape[1:]), dtype=mine.dtype) if is_main else None
+            if mine.shape[0] != rows:  # gloo gathers equal sizes: padded
+                mine = self._buffer(f"{value.key}/padded", torch.Size((rows, *rest)), dtype)
+                mine[: value.rows.shape[0]] = value.rows
+            # The main process receives straight into one tensor of `world` equal chunks.
+            out = self._buffer(f"{value.key}/gathered", torch.Size((rows * world, *rest)), dtype) if is_main else None
             torch.distributed.gather(mine, list(out.chunk(world)) if is_main else None, dst=main, group=group)
-            if not is_main:
-                return None
-            return out if rows * world == total else out[:total].clone()  # safetensors wants tensors that own
+            if not is_main or rows * world == total:
+                return out
+            full = self._buffer(f"{value.key}/full", value.shape, dtype)  # safetensors wants tensors that own
+            return full.copy_(out[:total])
 
         self.policy = {name: full(t) for name, t in self.policy.items()}
         self.optimizer["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in self.optimizer["state"].items()}
@@ -568,7 +580,6 @@ class Checkpointer:
             return
         if self.accelerator.is_main_process:
             self._publish(tmp, final)
-        self.snapshot.policy, self.snapshot.optimizer = {}, None  # the full copy, freed once written
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """The background half of a save (main process): flush, manifest, rename; then push and prune."""

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +81,11 @@ def tensor_bytes(tensor: Any) -> int:
     return local.numel() * local.element_size()
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(result_dir: Path, args: list[str]) -> None:
     """Train with `args` on this rank; write RESULT_DIR/rank<N>.json: save durations, footprint, memory."""
     import torch
@@ -92,32 +98,53 @@ def worker(result_dir: Path, args: list[str]) -> None:
     taken: dict[str, Any] = {}
     save, summarize = checkpointer.Checkpointer.save, trainer.summarize
 
-    parts_of_save: dict[str, float] = {}
+    parts_of_save: dict[str, float] = {}  # the save in progress, training thread
+    background: list[dict[str, float]] = []  # the writer thread's work, one record per call
+
+    timing = threading.local()  # a timed part that calls another (take_shards -> take_optimizer) counts once
 
     def timed(name: str, function: Any) -> Any:
-        """`function`, adding its time to parts_of_save[name] while a save runs."""
+        """`function`, its time added to parts_of_save[name] on the training thread, recorded in `background`
+        on the writer thread."""
 
         def timed_function(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            if getattr(timing, "inside", False):
+                return function(*args, **kwargs)
+            timing.inside, start = True, time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                parts_of_save[name] = parts_of_save.get(name, 0.0) + time.perf_counter() - start
+                timing.inside, elapsed = False, time.perf_counter() - start
+                if threading.current_thread() is threading.main_thread():
+                    parts_of_save[name] = parts_of_save.get(name, 0.0) + elapsed
+                else:  # with the process's peak RSS so far: which part of the write reaches it
+                    background.append({name: elapsed, "peak_rss": peak_rss()})
 
         return timed_function
 
     def timed_save(self: checkpointer.Checkpointer, state: Any, *rest: Any, **named: Any) -> Path:
         parts_of_save.clear()
+        taken.setdefault("peak_rss_before_saves", peak_rss())  # training alone, before any checkpoint
         start = time.perf_counter()
         path = save(self, state, *rest, **named)
         saves.append({"step": state.step, "s": time.perf_counter() - start, **parts_of_save})
         return path
 
-    # Where a save's time goes: waiting for the previous write, and (FSDP) gathering the weights and the optimizer
-    # state (torch's full state dicts, which the checkpointer calls by these module-level names).
-    checkpointer.Checkpointer.wait = timed("wait_s", checkpointer.Checkpointer.wait)
-    checkpointer.get_model_state_dict = timed("gather_weights_s", checkpointer.get_model_state_dict)
-    checkpointer.get_optimizer_state_dict = timed("gather_optimizer_s", checkpointer.get_optimizer_state_dict)
+    # Where a save's time goes, by the checkpointer's parts that exist in this version of it: waiting for the
+    # previous write; copying into the snapshot (DDP: the whole state; FSDP: this rank's shards); gathering
+    # sharded state to the main process (torch's full state dicts, or the snapshot's own gather); writing.
+    parts = [
+        (checkpointer.Checkpointer, "wait", "wait_s"),
+        (checkpointer.StateSnapshot, "take_policy", "copy_s"),
+        (checkpointer.StateSnapshot, "take_optimizer", "copy_s"),
+        (checkpointer.StateSnapshot, "take_shards", "copy_s"),
+        (checkpointer.StateSnapshot, "take_gathered", "gather_s"),
+        (checkpointer.StateSnapshot, "gather", "gather_s"),
+        (checkpointer.StateSnapshot, "write", "write_s"),
+    ]
+    for owner, attribute, name in parts:
+        if hasattr(owner, attribute):
+            setattr(owner, attribute, timed(name, getattr(owner, attribute)))
 
     def summarize_and_measure(step: Any, *rest: Any, **named: Any) -> None:
         summarize(step, *rest, **named)
@@ -135,6 +162,7 @@ def worker(result_dir: Path, args: list[str]) -> None:
     result = {
         "rank": int(os.environ.get("RANK", "0")),
         "saves": saves,
+        "background": background,
         "parameters": taken["parameters"],
         "backbone_parameters": backbone,
         "footprint": {
@@ -145,7 +173,8 @@ def worker(result_dir: Path, args: list[str]) -> None:
             "total": f.total,
         },  # fmt: skip
         "optimizer_state_measured": optimizer_bytes,  # Adam's exp_avg/exp_avg_sq held on this rank after training
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss(),
+        "peak_rss_before_saves": taken["peak_rss_before_saves"],
     }
     (result_dir / f"rank{result['rank']}.json").write_text(json.dumps(result))
 
@@ -239,14 +268,78 @@ def verdict(ratio: float, limit: float) -> str:
     return "meets" if ratio <= limit else "**misses**"
 
 
+def mean(values: Any) -> float:
+    values = list(values)
+    return statistics.mean(values) if values else float("nan")
+
+
+def memory(by: dict[str, list[dict]]) -> tuple[list[tuple[str, ...]], str]:
+    """The report's rows on memory, and its reading of them."""
+    # Per process: the larger rank (FSDP's shards can be uneven); the same in every run of a mode.
+    local = {m: max(k["footprint"]["local"] for r in by[m] for k in r["ranks"]) for m in MODES}
+    total = {m: max(k["footprint"]["total"] for r in by[m] for k in r["ranks"]) for m in MODES}
+    adam = {m: max(k["optimizer_state_measured"] for r in by[m] for k in r["ranks"]) for m in MODES}
+    rss = {(m, rank, key): max(k[key] for r in by[m] for k in r["ranks"] if k["rank"] == rank) for m in MODES
+           for rank in (0, 1) for key in ("peak_rss", "peak_rss_before_saves")}  # fmt: skip
+    f = {m: by[m][0]["ranks"][0]["footprint"] for m in MODES}
+    bytes_ratio = local["FSDP"] / local["DDP"]
+    key0 = "peak_rss_before_saves"
+    added = {m: rss[m, 0, "peak_rss"] - rss[m, 0, key0] for m in MODES}
+    # The main process's peak after each save's background work (the write is its last part), per run.
+    after_saves = {
+        m: [[b["peak_rss"] for b in k["background"] if "write_s" in b] for r in by[m] for k in r["ranks"]
+            if k["rank"] == 0]
+        for m in MODES
+    }  # fmt: skip
+    # From the second save on: the first allocates the snapshot's buffers.
+    growth = {m: mean((p[-1] - p[1]) / (len(p) - 2) for p in after_saves[m] if len(p) > 2) for m in MODES}
+
+    def series(mode: str) -> str:
+        return "; ".join(", ".join(f"{b / 1e9:.2f}" for b in peaks) for peaks in after_saves[mode])
+
+    # A checkpoint's tensors: the weights and the AdamW state (as DDP's process holds it whole).
+    state_bytes = f["DDP"]["params"][1] + adam["DDP"]
+    rows = [
+        ("per process: parameters + gradients + optimizer state (`sharding.footprint`, the trainer's FSDP line)",
+         "FSDP <= 0.55x DDP", f"{size(local['DDP'])} of {size(total['DDP'])}",
+         f"{size(local['FSDP'])} of {size(total['FSDP'])}", f"**{bytes_ratio:.2f}x**, {verdict(bytes_ratio, 0.55)}"),
+        ("of which parameters / gradients / optimizer state", "",
+         " / ".join(size(f["DDP"][k][0]) for k in ("params", "grads", "optimizer")),
+         " / ".join(size(f["FSDP"][k][0]) for k in ("params", "grads", "optimizer")), ""),
+        ("AdamW state held after training, measured (its tensors on this process, larger rank)", "",
+         size(adam["DDP"]), size(adam["FSDP"]), f"{adam['FSDP'] / adam['DDP']:.2f}x"),
+        *(
+            (label, "", f"{size(rss['DDP', 0, key])} / {size(rss['DDP', 1, key])}",
+             f"{size(rss['FSDP', 0, key])} / {size(rss['FSDP', 1, key])}",
+             f"{rss['FSDP', 0, key] / rss['DDP', 0, key]:.2f}x / {rss['FSDP', 1, key] / rss['DDP', 1, key]:.2f}x")
+            for label, key in (
+                ("peak RSS of the whole process before the first save (training alone), main / other",
+                 "peak_rss_before_saves"),
+                ("peak RSS of the whole process over the run (with the checkpoints' copies), main / other",
+                 "peak_rss"),
+            )
+        ),
+    ]  # fmt: skip
+    text = f"""- Memory: each FSDP process holds {bytes_ratio:.2f}x of DDP's parameters + gradients + optimizer state, so the
+  target of at most 0.55x is {"met" if bytes_ratio <= 0.55 else "missed"}; AdamW's tensors measured after training
+  agree ({adam["FSDP"] / adam["DDP"]:.2f}x; fewer bytes than the footprint counts, since AdamW keeps state only for
+  the parameters that got a gradient). The footprint leaves out activations and the full copy a checkpoint
+  gathers on the main process: in this CPU-only run the main process's peak RSS is
+  {rss["FSDP", 0, "peak_rss"] / rss["DDP", 0, "peak_rss"]:.2f}x DDP's, the other process's
+  {rss["FSDP", 1, "peak_rss"] / rss["DDP", 1, "peak_rss"]:.2f}x; before the first save (training alone),
+  {rss["FSDP", 0, key0] / rss["DDP", 0, key0]:.2f}x and {rss["FSDP", 1, key0] / rss["DDP", 1, key0]:.2f}x. The
+  checkpoints raise the main process's peak by {size(added["DDP"])} under DDP and {size(added["FSDP"])} under FSDP
+  (a checkpoint's weights and AdamW state: {size(state_bytes)}). (On GPUs those copies are in host memory, not on the GPU.)
+  The main process's peak RSS after each save's background work, in GB, run by run: DDP {series("DDP")};
+  FSDP {series("FSDP")}. From the second save to the last it grows by {size(growth["DDP"])} per save under DDP
+  and {size(growth["FSDP"])} under FSDP."""  # noqa: E501
+    return rows, text
+
+
 def report(args: argparse.Namespace, runs: list[dict], started: float, wall: float) -> str:
     from compare import machine
 
     by = {mode: [r for r in runs if r["mode"] == mode] for mode in MODES}
-
-    def mean(values: Any) -> float:
-        values = list(values)
-        return statistics.mean(values) if values else float("nan")
 
     def per_pair(key: Any) -> str:
         """FSDP / DDP of `key(run)` in each pair of runs."""
@@ -254,19 +347,13 @@ def report(args: argparse.Namespace, runs: list[dict], started: float, wall: flo
         return ", ".join(f"{ratio:.2f}" for ratio in ratios)
 
     blocked = {m: mean(s for r in by[m] for s in r["blocked"]) for m in MODES}
-    # DDP's snapshot allocates its reused CPU buffers at the first save; FSDP's gathers allocate at every save.
+    # The snapshot allocates its CPU buffers, reused from then on, at the first save.
     later = {m: mean(s for r in by[m] for s in r["blocked"][1:]) for m in MODES}
     rate = {m: mean(r["samples_per_s"] for r in by[m]) for m in MODES}
     with_saves = {m: mean(r["with_saves"] for r in by[m]) for m in MODES}
-    # Per process: the larger rank (FSDP's shards can be uneven); the same in every run of a mode.
-    local = {m: max(k["footprint"]["local"] for r in by[m] for k in r["ranks"]) for m in MODES}
-    total = {m: max(k["footprint"]["total"] for r in by[m] for k in r["ranks"]) for m in MODES}
-    adam = {m: max(k["optimizer_state_measured"] for r in by[m] for k in r["ranks"]) for m in MODES}
-    rss = {(m, rank): max(k["peak_rss"] for r in by[m] for k in r["ranks"] if k["rank"] == rank) for m in MODES
-           for rank in (0, 1)}  # fmt: skip
     parameters = runs[0]["ranks"][0]["parameters"]
-    block_ratio, bytes_ratio = blocked["FSDP"] / blocked["DDP"], local["FSDP"] / local["DDP"]
-    f = {m: by[m][0]["ranks"][0]["footprint"] for m in MODES}
+    block_ratio = blocked["FSDP"] / blocked["DDP"]
+    memory_rows, memory_text = memory(by)
     reference = by["DDP"][0]["losses"]
     loss_gap = max(abs(a - b) / abs(b) for r in runs for a, b in zip(r["losses"], reference, strict=True))
     same = (
@@ -274,21 +361,40 @@ def report(args: argparse.Namespace, runs: list[dict], started: float, wall: flo
     )
 
     def part(mode: str, key: str) -> float:
+        """Mean seconds per save (before the last) in `key` on the training thread of the main process."""
         return mean(s.get(key, 0.0) for r in by[mode] for s in r["steady_saves"])
 
-    gathers = part("FSDP", "gather_weights_s") + part("FSDP", "gather_optimizer_s")
-    larger = "optimizer state" if part("FSDP", "gather_optimizer_s") > part("FSDP", "gather_weights_s") else "weights"
+    def behind(mode: str, key: str) -> float:
+        """Mean seconds per save in `key` on the main process's writer thread (every save of every run)."""
+        records = [b for r in by[mode] for k in r["ranks"] if k["rank"] == 0 for b in k["background"]]
+        return mean(b[key] for b in records if key in b) if any(key in b for b in records) else 0.0
+
+    def breakdown(mode: str) -> str:
+        wait, copy, gather = (part(mode, k) for k in ("wait_s", "copy_s", "gather_s"))
+        gathered = f", gathering {gather:.2f} s" if gather else ""
+        rest = blocked[mode] - wait - copy - gather
+        return (f"waiting for the previous write {wait:.2f} s, copying into the snapshot {copy:.2f} s{gathered}, "
+                f"the rest (small files, barriers) {rest:.2f} s")  # fmt: skip
+
+    def in_background(mode: str) -> str:
+        gather, write = behind(mode, "gather_s"), behind(mode, "write_s")
+        return (f"gathering {gather:.2f} s, " if gather else "") + f"writing the tensors {write:.2f} s"
+
+    foreground_gather = part("FSDP", "gather_s") > 0.05 * blocked["FSDP"]
+    fsdp_save = (
+        "every rank takes part in gathering them to the main process before the save returns"
+        if foreground_gather
+        else "each rank copies only its own shards into reused CPU buffers, and the writer threads gather them to "
+        "the main process in the background"
+    )
     waits = {m: part(m, "wait_s") for m in MODES}
     if max(waits.values()) < 0.05:
         waited = f"Neither mode waited for the previous write: it was done within {args.save_freq} steps."
     else:
-        waited = f"Waiting for the previous write took {waits['DDP']:.2f} s (DDP) and {waits['FSDP']:.2f} s (FSDP)."
-
-    def breakdown(mode: str) -> str:
-        wait, weights, optimizer = (part(mode, k) for k in ("wait_s", "gather_weights_s", "gather_optimizer_s"))
-        gathered = f"gathering the weights {weights:.2f} s, the optimizer state {optimizer:.2f} s, " if weights else ""
-        rest = blocked[mode] - wait - weights - optimizer
-        return f"waiting for the previous write {wait:.2f} s, {gathered}the rest (copies, small files) {rest:.2f} s"
+        waited = (
+            f"Waiting for the previous write (the background work not done within {args.save_freq} steps) took "
+            f"{waits['DDP']:.2f} s under DDP and {waits['FSDP']:.2f} s under FSDP."
+        )
 
     run_rows = "\n".join(
         f"| {i + 1} | {r['mode']} | {', '.join(f'{s["s"]:.2f}' for s in r['all_saves'])} | "
@@ -303,25 +409,17 @@ def report(args: argparse.Namespace, runs: list[dict], started: float, wall: flo
          f"{len(runs[0]['blocked'])} saves before the last, x {args.reps} runs)", "FSDP <= 2x DDP",
          f"{blocked['DDP']:.2f} s", f"{blocked['FSDP']:.2f} s",
          f"**{block_ratio:.2f}x**, {verdict(block_ratio, 2.0)} (pairs: {per_pair(lambda r: mean(r['blocked']))})"),
-        ("the same without each run's first save (where DDP allocates its reused snapshot buffers)", "",
+        ("the same without each run's first save (where the snapshot allocates its reused CPU buffers)", "",
          f"{later['DDP']:.2f} s", f"{later['FSDP']:.2f} s", f"{later['FSDP'] / later['DDP']:.2f}x"),
-        ("of which", "", breakdown("DDP"), breakdown("FSDP"), ""),
+        ("of which (training thread)", "", breakdown("DDP"), breakdown("FSDP"), ""),
+        ("in the background per save (writer thread of the main process; not blocking unless the next save comes "
+         "first)", "", in_background("DDP"), in_background("FSDP"), ""),
         (f"samples/s of the training steps (metrics.jsonl `samples_per_s`, steps 2-{args.steps}, saves excluded)", "",
          f"{rate['DDP']:.3f}", f"{rate['FSDP']:.3f}",
          f"{rate['FSDP'] / rate['DDP']:.2f}x (pairs: {per_pair(lambda r: r['samples_per_s'])})"),
         (f"samples/s over steps 2-{args.steps} with the checkpoint stalls", "", f"{with_saves['DDP']:.3f}",
          f"{with_saves['FSDP']:.3f}", f"{with_saves['FSDP'] / with_saves['DDP']:.2f}x"),
-        ("per process: parameters + gradients + optimizer state (`sharding.footprint`, the trainer's FSDP line)",
-         "FSDP <= 0.55x DDP", f"{size(local['DDP'])} of {size(total['DDP'])}",
-         f"{size(local['FSDP'])} of {size(total['FSDP'])}", f"**{bytes_ratio:.2f}x**, {verdict(bytes_ratio, 0.55)}"),
-        ("of which parameters / gradients / optimizer state", "",
-         " / ".join(size(f["DDP"][k][0]) for k in ("params", "grads", "optimizer")),
-         " / ".join(size(f["FSDP"][k][0]) for k in ("params", "grads", "optimizer")), ""),
-        ("AdamW state held after training, measured (its tensors on this process, larger rank)", "",
-         size(adam["DDP"]), size(adam["FSDP"]), f"{adam['FSDP'] / adam['DDP']:.2f}x"),
-        ("peak RSS of the whole process (torch, activations, checkpoint copies), main / other", "",
-         f"{size(rss['DDP', 0])} / {size(rss['DDP', 1])}", f"{size(rss['FSDP', 0])} / {size(rss['FSDP', 1])}",
-         f"{rss['FSDP', 0] / rss['DDP', 0]:.2f}x / {rss['FSDP', 1] / rss['DDP', 1]:.2f}x"),
+        *memory_rows,
     ]  # fmt: skip
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
     return f"""# FSDP2 vs DDP benchmark (CPU, 2 processes)
@@ -356,21 +454,13 @@ Reading.
 
 - Checkpoint stall: FSDP blocks training {block_ratio:.1f}x as long as DDP per save ({blocked["FSDP"]:.2f} s vs
   {blocked["DDP"]:.2f} s), so the target of at most 2x is {"met" if block_ratio <= 2 else "missed"}. Under DDP a save
-  copies the weights and AdamW state, which each process has whole, into CPU buffers reused from save to save.
-  Under FSDP every rank takes part in gathering them to the main process (torch's full state dicts with CPU
-  offload, tensor by tensor over gloo) into new tensors; those gathers are {gathers / blocked["FSDP"]:.0%} of FSDP's
-  stall here, the {larger} the larger part (AdamW's state has twice the weights' bytes). {waited}
+  copies the weights and AdamW state, which each process has whole, into CPU buffers reused from save to save;
+  under FSDP {fsdp_save}. {waited}
 - Throughput: FSDP trains at {rate["FSDP"] / rate["DDP"]:.2f}x DDP's samples/s. FSDP2 all-gathers each unit's
   weights before its forward and again before its backward and reduce-scatters the gradients; DDP all-reduces
   the gradients once. Here that traffic goes over gloo on the same 2 cores that compute, so this says little
   about NCCL on GPUs.
-- Memory: each FSDP process holds {bytes_ratio:.2f}x of DDP's parameters + gradients + optimizer state, so the
-  target of at most 0.55x is {"met" if bytes_ratio <= 0.55 else "missed"}; AdamW's tensors measured after training
-  agree ({adam["FSDP"] / adam["DDP"]:.2f}x; fewer bytes than the footprint counts, since AdamW keeps state only for
-  the parameters that got a gradient). The footprint leaves out activations and the full copy a checkpoint
-  gathers on the main process: in this CPU-only run the main process's peak RSS is
-  {rss["FSDP", 0] / rss["DDP", 0]:.2f}x DDP's, the other process's {rss["FSDP", 1] / rss["DDP", 1]:.2f}x. (On GPUs
-  that copy lands in host memory, not on the GPU.)
+{memory_text}
 - Same training: every run's per-step losses {same}.
 - Noise: the CPU is shared, so single runs vary (see the pairs and the table above); the ratios come from runs
   alternated in this one command, not from separate sessions.

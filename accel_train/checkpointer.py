@@ -3,11 +3,12 @@
 `Checkpointer.save(state)` writes `OUT/checkpoint-<step>/` (layout in accel_train.checkpoint) through Accelerate's
 `save_state`, on every rank, with the policy and processors written by its save hook; `Checkpointer.restore(start)`
 loads the same files back into the prepared policy, optimizer, LR schedule and fp16 scaler, and returns the
-trainer state to continue from. Under FSDP both directions go through torch's full (consolidated) state dicts, so
-an FSDP checkpoint resumes on one GPU and the reverse.
+trainer state to continue from. Under FSDP the files are the same consolidated ones: saving gathers each rank's
+shards to the main process, loading scatters the full tensors to the shards (torch's full state dicts), so an
+FSDP checkpoint resumes on one GPU and the reverse.
 
-Training waits only while the state is copied to CPU memory (`StateSnapshot`); serialising, flushing, hashing
-and publishing it run in a background thread.
+Training waits only while the state is copied to CPU memory (`StateSnapshot`; under FSDP each rank's own shards);
+gathering, serialising, flushing, hashing and publishing it run in a background thread.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import safetensors
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from lerobot.policies import PreTrainedPolicy
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import (
@@ -58,6 +59,7 @@ from accel_train.config import Every, TrainConfig
 from accel_train.data import StepShape, TrainingData
 from accel_train.errors import TrainError
 from accel_train.model import POSTPROCESSOR_FILE, PREPROCESSOR_FILE, PolicyParts
+from accel_train.sharding import is_fsdp
 
 if TYPE_CHECKING:
     from accel_train.hub import HubPusher
@@ -377,7 +379,7 @@ class Checkpointer:
         self.pusher = pusher
         self.schedule = Every(cfg.save_freq, cfg.steps)
         self.resumed_from: Path | None = None
-        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        self.sharded = is_fsdp(accelerator)
         # FSDP replaces the parameter objects; their names, taken now, map the optimizer's ids on load.
         self.parameter_names = parameter_names(parts.policy, parts.optimizer) if self.sharded else []
         self.asynchronous = cfg.async_checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from accel_train import checkpoint as ckpt
 from accel_train import pretrained
-from accel_train.checkpointer import load_policy_weights
+from accel_train.checkpoint_parts import load_policy_weights
 from accel_train.config import BasePolicy
 from accel_train.errors import TrainError
 
@@ -41,7 +41,7 @@ def export_merged(checkpoint: Path, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".tmp-merge-") as staging:
         merged.save_pretrained(staging)  # config.json (use_peft false) and model.safetensors
-        os.link(Path(staging) / "model.safetensors", Path(staging) / ckpt.POLICY_FILE)
+        os.link(Path(staging) / ckpt.PRETRAINED_WEIGHTS, Path(staging) / ckpt.POLICY_FILE)
         for source in checkpoint.iterdir():
             if source.is_file() and source.name not in MERGED_FILES | ckpt.NOT_EXPORTED:
                 names = ckpt.EXPORT_COPIES.get(source.name, (source.name,))

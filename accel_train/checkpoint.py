@@ -9,8 +9,16 @@ Layout of `OUT/checkpoint-<step>/` (the spec's four files first):
     scaler_state.pth            fp16 GradScaler state, with --mixed_precision fp16
     config.json                 the policy config (lerobot format)
     train_config.json           the run's full config
-    trainer_state.json          step, data position, world size, batch size, ...
+    trainer_state.json          format version, step, data position, world size, batch size, ...
     manifest.json               size and sha256 of every file above, written last
+
+With --checkpoint_format sharded, policy.safetensors and optimizer_state.pth are replaced by
+    shards/                     every process's part of the policy and optimizer state (accel_train.sharded_checkpoint)
+and `accel-train export` writes those two files back from the shards.
+
+Format versions (`format_version` in trainer_state.json): 1, the layout above before the field existed (no
+`format_version` key); 2, the same files with the field, written by the symmetric checkpoint registry
+(accel_train.checkpoint_parts). This module is the one place that spells the layout's file names.
 
 A folder named `checkpoint-<step>` is complete: writers stage it under `.tmp-checkpoint-<step>` and rename it
 when the manifest is written (accel_train.checkpointer). Nothing read from a checkpoint is unpickled.
@@ -39,11 +47,13 @@ from torch.distributed.tensor import DTensor
 
 from accel_train.data import DataPosition
 from accel_train.errors import TrainError
-from accel_train.model import POSTPROCESSOR_FILE, PREPROCESSOR_FILE
 
 log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+POSTPROCESSOR_FILE = "postprocessor_config.json"
+PROCESSOR_FILES = (PREPROCESSOR_FILE, POSTPROCESSOR_FILE)
 OPTIMIZER_FILE = "optimizer_state.pth"
 SCHEDULER_FILE = "scheduler_state.pth"
 SCALER_FILE = "scaler_state.pth"
@@ -51,6 +61,16 @@ POLICY_CONFIG_FILE = "config.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"  # --checkpoint_format sharded: the policy and optimizer, one safetensors file per process
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, beside an adapter checkpoint's policy.safetensors
+# What save_state writes besides our files, whatever it is shown: one RNG state per process, never needed (above).
+ACCELERATE_RNG_FILES = "random_states_*.pkl"
+# lerobot's names in a pretrained policy's folder (the export writes them, fine-tuning reads them)
+PRETRAINED_WEIGHTS = "model.safetensors"
+PRETRAINED_PROCESSORS = ("policy_preprocessor.json", "policy_postprocessor.json")
+PEFT_WEIGHTS = "adapter_model.safetensors"
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 REQUIRED_FILES = (POLICY_FILE, OPTIMIZER_FILE)
 NAME = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -66,6 +86,7 @@ class TrainerState:
     """Everything besides tensors that an exact resume needs, stored as json."""
 
     step: int
+    format_version: int = FORMAT_VERSION
     data: DataPosition = field(default_factory=DataPosition)
     samples_seen: int = 0
     seed: int = 0
@@ -92,6 +113,13 @@ class TrainerState:
     @classmethod
     def from_file(cls, path: Path) -> TrainerState:
         raw = _read_json(path)
+        version = raw.setdefault("format_version", 1)  # format 1 had no such field
+        if version not in READABLE_FORMATS:
+            raise TrainError(
+                f"{path} is of checkpoint format {version}; this version of accel-train reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}. Upgrade accel-train (pip install -U accel-train, or pull "
+                "the repository) to resume it."
+            )
         try:
             return cls(**{**raw, "data": DataPosition(**raw.get("data", {}))})
         except TypeError as error:
@@ -211,15 +239,36 @@ def resolve(spec: str, output_dir: Path) -> Path | None:
         )
     if not path.is_dir():
         raise TrainError(f"The checkpoint {path} is a file; pass a checkpoint-<step> folder.")
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    missing = [name for name in required_files(path) if not (path / name).exists()]
     if missing:
         raise TrainError(
             f"The checkpoint {path} is missing {' and '.join(missing)}, which resuming needs. Pick another "
-            "checkpoint, or --init_from it to start over from its weights."
+            f"checkpoint{_previous_complete(path)}, or --init_from it to start over from its weights."
         )
     if (path / MANIFEST_FILE).exists() and (problem := verify(path)):
-        raise TrainError(f"The checkpoint {path} is corrupted: {problem}. Resume from an earlier checkpoint.")
+        raise TrainError(
+            f"The checkpoint {path} is corrupted: {problem}. Resume from an earlier checkpoint"
+            f"{_previous_complete(path)}."
+        )
     return path
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds its policy and optimizer as shards (--checkpoint_format sharded)."""
+    return (checkpoint / SHARDS_DIR).is_dir()
+
+
+def required_files(checkpoint: Path) -> tuple[str, ...]:
+    return (SHARDS_DIR,) if is_sharded(checkpoint) else REQUIRED_FILES
+
+
+def _previous_complete(checkpoint: Path) -> str:
+    """The suffix naming the newest complete checkpoint before `checkpoint` in its folder, or "" if none."""
+    step = step_from_name(checkpoint)
+    for earlier, path in reversed(list_checkpoints(checkpoint.parent)):
+        if (step is None or earlier < step) and path != checkpoint and verify(path) is None:
+            return f", such as {path} (the newest complete one before it)"
+    return ""
 
 
 def read_state(checkpoint: Path) -> TrainerState | None:
@@ -268,14 +317,13 @@ def load_tensors(path: Path) -> Any:
 
 # What a lerobot pretrained folder holds under its own names, copied from a checkpoint's files of the same bytes.
 EXPORT_COPIES = {
-    POLICY_FILE: ("model.safetensors", POLICY_FILE),
-    PREPROCESSOR_FILE: ("policy_preprocessor.json", PREPROCESSOR_FILE),
-    POSTPROCESSOR_FILE: ("policy_postprocessor.json", POSTPROCESSOR_FILE),
+    POLICY_FILE: (PRETRAINED_WEIGHTS, POLICY_FILE),
+    PREPROCESSOR_FILE: (PRETRAINED_PROCESSORS[0], PREPROCESSOR_FILE),
+    POSTPROCESSOR_FILE: (PRETRAINED_PROCESSORS[1], POSTPROCESSOR_FILE),
     POLICY_CONFIG_FILE: (POLICY_CONFIG_FILE,),
 }
 # An adapter checkpoint (--peft) holds PEFT's adapter files: its policy file is an adapter_model.safetensors.
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_COPIES = {**EXPORT_COPIES, POLICY_FILE: ("adapter_model.safetensors", POLICY_FILE)}
+ADAPTER_COPIES = {**EXPORT_COPIES, POLICY_FILE: (PEFT_WEIGHTS, POLICY_FILE)}
 
 # Training state a deployed model does not need (the optimizer alone is twice the policy's size).
 NOT_EXPORTED = {MANIFEST_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE}

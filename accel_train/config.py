@@ -109,6 +109,10 @@ class TrainConfig:
     # Copy each checkpoint's tensors to CPU memory and write them in the background (host RAM: one checkpoint);
     # false: training waits until the checkpoint is on disk.
     async_checkpoint: bool = True
+    # consolidated: the four documented files (policy.safetensors, processors, optimizer_state.pth), written by the
+    # main process. sharded: every process writes its own part of the policy and optimizer (torch.distributed
+    # .checkpoint over safetensors shards), resumable on any number of processes; recommended above ~1B parameters.
+    checkpoint_format: Literal["consolidated", "sharded"] = "consolidated"
     seed: int = 1000
     # Hold out episodes for validation: a fraction (0.2) or a count (2); 0 trains on every episode.
     val_episodes: float = 0

@@ -15,6 +15,8 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.policies import PreTrainedPolicy, make_policy, make_pre_post_processors
 from lerobot.processor import PolicyProcessorPipeline, RenameObservationsProcessorStep, rename_stats
 
+from accel_train.checkpoint import PRETRAINED_PROCESSORS, PRETRAINED_WEIGHTS
+from accel_train.checkpoint import PROCESSOR_FILES as CHECKPOINT_PROCESSORS
 from accel_train.config import TrainConfig
 from accel_train.errors import TrainError
 from accel_train.features import adopt_dataset_shapes, check_fits
@@ -22,12 +24,6 @@ from accel_train.sharding import gather_for_inference, is_fsdp, shard_units
 
 log = logging.getLogger(__name__)
 
-PREPROCESSOR_FILE = "preprocessor_config.json"
-POSTPROCESSOR_FILE = "postprocessor_config.json"
-CHECKPOINT_PROCESSORS = (PREPROCESSOR_FILE, POSTPROCESSOR_FILE)
-# lerobot's names, in a pretrained policy's folder
-PRETRAINED_PROCESSORS = ("policy_preprocessor.json", "policy_postprocessor.json")
-PRETRAINED_WEIGHTS = "model.safetensors"
 # Policy type -> the extra of pyproject.toml that installs its dependencies (others: `all`).
 POLICY_EXTRAS = {"diffusion": "diffusion", "smolvla": "smolvla", "pi0": "pi", "pi05": "pi", "pi0_fast": "pi"}
 

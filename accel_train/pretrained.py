@@ -22,14 +22,14 @@ from typing import Any
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+from accel_train.checkpoint import POLICY_CONFIG_FILE as CONFIG_FILE
+from accel_train.checkpoint import PRETRAINED_WEIGHTS as WEIGHTS_FILE
 from accel_train.checkpoint import sha256
 from accel_train.config import BasePolicy
 from accel_train.errors import TrainError
-from accel_train.model import PRETRAINED_WEIGHTS as WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 # What a fine-tune needs from a pretrained repo: the config, weights and processors (not READMEs, not other files).
 FILES = [CONFIG_FILE, WEIGHTS_FILE, "policy_*processor*.json", "policy_*processor*.safetensors"]
 

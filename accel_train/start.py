@@ -33,7 +33,7 @@ from accel_train.config import (
 from accel_train.errors import TrainError
 from accel_train.flags import flag_value
 from accel_train.metrics import METRICS_FILE, TRACKER_PATHS
-from accel_train.sources import upgrade_layer
+from accel_train.resume import check_policy_type, warn_option_changes
 
 log = logging.getLogger(__name__)
 
@@ -196,35 +196,16 @@ def _reparse_over_checkpoint(args: list[str], cfg: TrainConfig, source: Path, ke
         )
         return cfg
     explicit_type = gives_policy_type(args) or cfg.policy.type != DEFAULT_POLICY_TYPE  # from flags or --config
-    if explicit_type and cfg.policy.type != saved_policy.get("type"):
-        raise TrainError(
-            f"{source} holds a '{saved_policy.get('type')}' policy, but this run asks for '{cfg.policy.type}'. "
-            f"A checkpoint resumes only into the same policy type; drop --policy.type or start a new --output_dir."
-        )
+    if explicit_type:
+        check_policy_type(source, saved_policy.get("type"), cfg.policy.type)
     base = dict(saved) if (saved and keep_training_state) else {}
     base["policy"] = saved_policy
     for key in ("resume_from_checkpoint", "init_from", "overwrite"):  # where to start is never inherited
         base.pop(key, None)
     new = parse(args, base=base)
     if saved and keep_training_state:
-        before = upgrade_layer(saved, f"{source}/{ckpt.TRAIN_CONFIG_FILE}")
-        after = {k: v for k, v in new.to_dict().items() if k not in ("resume_from_checkpoint", "output_dir", "policy")}
-        for key, old, value in _changes(before, after):
-            log.warning("Resuming with %s changed: %s -> %s", key, old, value)
+        warn_option_changes(source, saved, new)
     return new
-
-
-def _changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted option, old, new) for each option of `after` whose value differs in `before`, field by field inside
-    the dataset section (whose fields a checkpoint written before the section existed partly lacks: not reported)."""
-    changes = []
-    for key, value in after.items():
-        old, name = before.get(key), f"{prefix}{key}"
-        if name in ("dataset", "dataset.image_transforms") and isinstance(old, dict) and isinstance(value, dict):
-            changes += _changes(old, value, f"{name}.")
-        elif old != value and (key in before or not prefix):
-            changes.append((name, old, value))
-    return changes
 
 
 def _guard_existing_checkpoints(cfg: TrainConfig, processes: PartialState) -> None:

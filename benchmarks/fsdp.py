@@ -90,7 +90,7 @@ def worker(result_dir: Path, args: list[str]) -> None:
     """Train with `args` on this rank; write RESULT_DIR/rank<N>.json: save durations, footprint, memory."""
     import torch
 
-    from accel_train import checkpointer, sharding
+    from accel_train import checkpoint_parts, checkpointer, sharding
     from accel_train import train as trainer
 
     backbone = widen()
@@ -135,12 +135,10 @@ def worker(result_dir: Path, args: list[str]) -> None:
     # sharded state to the main process (torch's full state dicts, or the snapshot's own gather); writing.
     parts = [
         (checkpointer.Checkpointer, "wait", "wait_s"),
-        (checkpointer.StateSnapshot, "take_policy", "copy_s"),
-        (checkpointer.StateSnapshot, "take_optimizer", "copy_s"),
-        (checkpointer.StateSnapshot, "take_shards", "copy_s"),
-        (checkpointer.StateSnapshot, "take_gathered", "gather_s"),
-        (checkpointer.StateSnapshot, "gather", "gather_s"),
-        (checkpointer.StateSnapshot, "write", "write_s"),
+        (checkpoint_parts.TensorCopies, "take", "copy_s"),
+        (checkpoint_parts.TensorCopies, "gather", "gather_s"),
+        (checkpoint_parts.PolicyWeights, "_write", "write_s"),
+        (checkpoint_parts.OptimizerState, "_write", "write_s"),
     ]
     for owner, attribute, name in parts:
         if hasattr(owner, attribute):

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from conftest import REPO, STRAIGHT_STEPS, TRAIN, assert_ok, base_args, run_cli,
 from hub_server import HubServer
 
 from accel_train import checkpoint as ckpt
-from accel_train import checkpointer
+from accel_train import checkpoint_parts
 from accel_train.train import main
 
 # How the policy file is written: from the snapshot in the writer thread, or from the live policy in save().
@@ -33,7 +34,7 @@ def test_disk_full_during_a_checkpoint_write(
     """The write of checkpoint-4 fails: a clear error, checkpoint-2 stays valid, and the run resumes from it.
     In the background, the failure stops the run at its next save."""
     out = tmp_path / "out"
-    real_save = getattr(checkpointer, POLICY_WRITER[asynchronous])
+    real_save = getattr(checkpoint_parts, POLICY_WRITER[asynchronous])
     calls = []
 
     def save_then_fail(model, filename, *args, **kwargs):
@@ -42,7 +43,7 @@ def test_disk_full_during_a_checkpoint_write(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(model, filename, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointer, POLICY_WRITER[asynchronous], save_then_fail)
+    monkeypatch.setattr(checkpoint_parts, POLICY_WRITER[asynchronous], save_then_fail)
     flags = ["--steps", "6", "--save_freq", "2", f"--async_checkpoint={asynchronous}"]
     assert main(base_args(tiny_dataset, out, *flags)) == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -51,7 +52,7 @@ def test_disk_full_during_a_checkpoint_write(
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
     assert ckpt.verify(out / "checkpoint-2") is None and not list(out.glob(".tmp-*"))
 
-    monkeypatch.setattr(checkpointer, POLICY_WRITER[asynchronous], real_save)
+    monkeypatch.setattr(checkpoint_parts, POLICY_WRITER[asynchronous], real_save)
     assert main(base_args(tiny_dataset, out, *flags, "--resume_from_checkpoint", "latest")) == 0
     assert "Resumed from" in capsys.readouterr().err and (out / "checkpoint-6").is_dir()
 
@@ -62,13 +63,13 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_step(
     """Training goes on while the writer thread serialises a checkpoint from its snapshot: each checkpoint
     must equal a synchronous save at the same step, tensor for tensor (policy, optimizer, scheduler). A slow
     disk (the write starts 1.5 s late, after 2 more optimizer steps) makes any tensor not copied show."""
-    write = checkpointer.StateSnapshot.write
+    wait_copied = checkpoint_parts.TensorCopies.wait_copied
 
-    def slow_write(self: checkpointer.StateSnapshot, folder: Path) -> None:
-        time.sleep(1.5)
-        write(self, folder)
+    def slow_write(self: checkpoint_parts.TensorCopies) -> None:
+        time.sleep(0.75)  # each of the policy's and the optimizer's writers
+        wait_copied(self)
 
-    monkeypatch.setattr(checkpointer.StateSnapshot, "write", slow_write)
+    monkeypatch.setattr(checkpoint_parts.TensorCopies, "wait_copied", slow_write)
     for mode in ("true", "false"):
         flags = ["--steps", "6", "--save_freq", "2", f"--async_checkpoint={mode}"]
         assert main(base_args(tiny_dataset, tmp_path / mode, *flags)) == 0
@@ -98,31 +99,35 @@ class Tied(torch.nn.Module):
 
 
 def test_a_snapshot_writes_the_files_of_a_synchronous_save(tmp_path: Path) -> None:
-    """Byte for byte the policy file save_model writes, tied weights included; optimizer state equal; and the
-    strict loader takes it, tying the weights again."""
+    """The policy and optimizer parts, saved in the background: byte for byte the policy file save_model writes,
+    tied weights included; optimizer state equal; and the policy part's load takes it, tying the weights again."""
     model = Tied()
     optimizer = torch.optim.AdamW(model.parameters())
     model.embed.weight.grad = torch.ones_like(model.embed.weight)
     optimizer.step()
-    snapshot = checkpointer.StateSnapshot()
-    snapshot.take_policy(model)
-    snapshot.take_optimizer(optimizer.state_dict())
-    snapshot.mark_taken()
+    accelerator = SimpleNamespace(unwrap_model=lambda policy: policy, is_main_process=True, scaler=None)
+    run = checkpoint_parts.RunState(
+        accelerator, SimpleNamespace(policy=model, optimizer=SimpleNamespace(optimizer=optimizer)), {}, True, False
+    )
+    writers = [checkpoint_parts.PolicyWeights(run).save(tmp_path), checkpoint_parts.OptimizerState(run).save(tmp_path)]
     taken = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with torch.no_grad():  # training goes on: the snapshot keeps the state it took
         model.embed.weight.add_(1)
     optimizer.step()
-    snapshot.write(tmp_path)
+    for write in writers:
+        write()
     reference = Tied()
     reference.load_state_dict(taken)
-    checkpointer.save_model(reference, str(tmp_path / "reference.safetensors"))
+    checkpoint_parts.save_model(reference, str(tmp_path / "reference.safetensors"))
     assert (tmp_path / ckpt.POLICY_FILE).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
 
     written = ckpt.load_tensors(tmp_path / ckpt.OPTIMIZER_FILE)
     assert written["state"][0]["step"].item() == 1 and optimizer.state_dict()["state"][0]["step"].item() == 2
 
     fresh = Tied()
-    checkpointer.load_policy_weights(fresh, tmp_path)
+    checkpoint_parts.PolicyWeights(
+        checkpoint_parts.RunState(accelerator, SimpleNamespace(policy=fresh), {}, True, False)
+    ).load(tmp_path)
     assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh.head.weight, reference.embed.weight)
 
 

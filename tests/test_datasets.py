@@ -19,11 +19,11 @@ from lerobot.datasets.sampler import EpisodeAwareSampler
 
 from accel_train import demo_dataset
 from accel_train.checkpoint import TrainerState
-from accel_train.checkpointer import starting_state
 from accel_train.config import parse
 from accel_train.data import DataPosition, TrainingData
 from accel_train.errors import UsageError
 from accel_train.mix import EpisodeOrder, MixedOrder, epoch_counts
+from accel_train.resume import starting_state
 from accel_train.train import main
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

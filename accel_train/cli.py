@@ -7,6 +7,10 @@ accel-train export CKPT DIR [--merge]   a lerobot pretrained folder (config.json
                                         processors) from a checkpoint folder or hf://USER/REPO[/checkpoint-N];
                                         an adapter (--peft) checkpoint exports as a PEFT adapter, or with
                                         --merge as a full policy (its base fetched and verified)
+accel-train plan [--num_processes N] [--fsdp | --config_file ACCELERATE.yaml] [--json] [TRAINING FLAGS]
+                                        memory per process (weights, gradients, optimizer state), checkpoint
+                                        sizes and the host memory a save needs, from the policy built on the
+                                        meta device (accel_train/plan.py)
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from accel_train import adapters, catalog, hub, plot, train
+from accel_train import adapters, catalog, hub, plan, plot, train
 from accel_train import checkpoint as ckpt
 from accel_train.errors import TrainError
 
-TOOLS = ("plot", "checkpoints", "export")
+TOOLS = ("plot", "checkpoints", "export", "plan")
 
 
 def export(source: str, dest: Path, merge: bool = False) -> list[Path]:
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in TOOLS:
         return train.main(args)
+    if args[0] == "plan":  # the training command's flags, which only the training parser knows
+        return plan.main(args[1:])
     parser = argparse.ArgumentParser(prog=f"accel-train {args[0]}")
     if args[0] == "plot":
         parser.add_argument("output_dir", type=Path)

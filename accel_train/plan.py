@@ -13,7 +13,8 @@ The policy is built as the trainer builds it (accel_train.model: lerobot's make_
 optimizer preset) on the meta device: shapes and dtypes, no memory, no weights downloaded (pi0 at its real size
 plans in seconds). `--policy.path` reads only the pretrained policy's config.json (a folder, or that one file
 from the Hub). The input and output shapes come from the dataset's meta/info.json in `--dataset.root`, or in
-lerobot's cache for a repo id; no frame is read. Processors are not built.
+lerobot's cache for a repo id; no frame is read. Processors are not built. The flags are planned as given: the
+config of a checkpoint named by --resume_from_checkpoint or --init_from is not read.
 
 Per process (under FSDP the largest, rank 0: FSDP2 gives each process the dim-0 rows of every parameter,
 ceil(rows / N) on the first ones):

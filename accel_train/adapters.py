@@ -29,6 +29,15 @@ def export_merged(checkpoint: Path, dest: Path) -> list[Path]:
         raise TrainError(f"--merge: {checkpoint} is not an adapter (--peft) checkpoint; export it without --merge.")
     if problem := ckpt.verify(checkpoint):
         raise TrainError(f"Cannot export {checkpoint}: {problem}.")
+    if ckpt.is_sharded(checkpoint):  # the merge reads policy.safetensors: written from the shards into a copy
+        from accel_train.sharded_checkpoint import export_consolidated
+
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = Path(scratch) / checkpoint.name
+            shutil.copytree(checkpoint, copy, ignore=shutil.ignore_patterns(ckpt.SHARDS_DIR))
+            export_consolidated(checkpoint / ckpt.SHARDS_DIR, copy, with_optimizer=False)
+            ckpt.write_manifest(copy)
+            return export_merged(copy, dest)
     saved = ckpt.read_train_config(checkpoint) or {}
     if not saved.get("base_policy"):
         raise TrainError(f"{checkpoint} does not record the base policy its adapters were trained on.")

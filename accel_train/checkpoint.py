@@ -47,6 +47,10 @@ from torch.distributed.tensor import DTensor
 
 from accel_train.data import DataPosition
 from accel_train.errors import TrainError
+from accel_train.sharded_checkpoint import (  # the shards folder and what is inside it are named there
+    SHARDS_DIR,
+    export_consolidated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,6 @@ POLICY_CONFIG_FILE = "config.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
-SHARDS_DIR = "shards"  # --checkpoint_format sharded: the policy and optimizer, one safetensors file per process
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's, beside an adapter checkpoint's policy.safetensors
 # What save_state writes besides our files, whatever it is shown: one RNG state per process, never needed (above).
 ACCELERATE_RNG_FILES = "random_states_*.pkl"
@@ -329,20 +332,22 @@ ADAPTER_COPIES = {**EXPORT_COPIES, POLICY_FILE: (PEFT_WEIGHTS, POLICY_FILE)}
 NOT_EXPORTED = {MANIFEST_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE}
 
 
-def export(checkpoint: Path, dest: Path) -> list[Path]:
+def export(checkpoint: Path, dest: Path, with_optimizer: bool = False) -> list[Path]:
     """A checkpoint as a model folder: lerobot's names (from_pretrained, make_pre_post_processors) and the spec's
     (policy.safetensors, preprocessor_config.json, postprocessor_config.json), processor stats, configs. An adapter
     checkpoint becomes a PEFT adapter folder (adapter_model.safetensors, adapter_config.json, config.json with
-    use_peft), which lerobot's PEFT loading path puts on its base.
+    use_peft), which lerobot's PEFT loading path puts on its base. A sharded checkpoint's policy.safetensors (and,
+    `with_optimizer`, optimizer_state.pth) are written from its shards, one tensor at a time, without a GPU.
 
-    Copies files instead of re-serialising the policy, so the export is the checkpoint's exact bytes and needs
-    no model in memory (under FSDP none holds all the weights). Staged in a temporary folder, then moved file
+    Otherwise copies files instead of re-serialising the policy, so the export is the checkpoint's exact bytes and
+    needs no model in memory (under FSDP none holds all the weights). Staged in a temporary folder, then moved file
     by file, so no file in `dest` is ever half-written.
     """
     if not checkpoint.is_dir():
         raise TrainError(f"Cannot export {checkpoint}: there is no such checkpoint folder.")
+    sharded = is_sharded(checkpoint)
     problem = verify(checkpoint) if (checkpoint / MANIFEST_FILE).is_file() else None
-    missing = [name for name in EXPORT_COPIES if not (checkpoint / name).is_file()]
+    missing = [n for n in EXPORT_COPIES if not (checkpoint / n).is_file() and not (sharded and n == POLICY_FILE)]
     if problem or missing:
         raise TrainError(
             f"Cannot export {checkpoint}: "
@@ -353,11 +358,17 @@ def export(checkpoint: Path, dest: Path) -> list[Path]:
     staging = dest / f".tmp-export-{os.getpid()}-{int(time.time())}"
     staging.mkdir()
     copies = ADAPTER_COPIES if (checkpoint / ADAPTER_CONFIG_FILE).is_file() else EXPORT_COPIES
-    for source in sorted(checkpoint.iterdir()):
-        if source.name in NOT_EXPORTED or not source.is_file():
-            continue
+    sources = sorted(p for p in checkpoint.iterdir() if p.is_file() and (p.name not in NOT_EXPORTED))
+    if sharded:
+        sources += export_consolidated(checkpoint / SHARDS_DIR, staging, with_optimizer)
+    elif with_optimizer and (checkpoint / OPTIMIZER_FILE).is_file():
+        sources.append(checkpoint / OPTIMIZER_FILE)
+    for source in sources:
         names = copies.get(source.name, (source.name,))
-        shutil.copyfile(source, staging / names[0])
+        if source.parent != staging:
+            shutil.copyfile(source, staging / names[0])
+        elif names[0] != source.name:
+            source.rename(staging / names[0])
         for alias in names[1:]:
             os.link(staging / names[0], staging / alias)  # same bytes, one copy on disk
     written = []

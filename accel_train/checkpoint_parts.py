@@ -7,6 +7,8 @@ model). Parts and their files (names in accel_train.checkpoint):
 
     policy        policy.safetensors (or PEFT adapters)   restored into the prepared policy
     optimizer     optimizer_state.pth                      restored into the optimizer
+    shards        shards/ (--checkpoint_format sharded)    the policy and optimizer in place of the two above:
+                                                           every process writes and reads its own part
     scheduler     scheduler_state.pth                      restored into the LR schedule (when it has one)
     scaler        scaler_state.pth                         restored into the fp16 GradScaler (with fp16)
     trainer       trainer_state.json                       step, data position, counters: read to build the run
@@ -62,6 +64,7 @@ from accel_train.checkpoint import (
 )
 from accel_train.errors import TrainError
 from accel_train.model import PolicyParts
+from accel_train.sharded_checkpoint import ShardedState
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +107,11 @@ class RunState:
         return self.accelerator.is_main_process
 
 
-def registry(run: RunState) -> list[Part]:
-    """Every part of the run's state, in the order a checkpoint saves and loads them."""
-    return [PolicyWeights(run), OptimizerState(run), SchedulerState(run), ScalerState(run), TrainerFile(run),
-            ConfigFiles(run), ProcessorFiles(run)]  # fmt: skip
+def registry(run: RunState, sharded: bool) -> list[Part]:
+    """Every part of the run's state, in the order a checkpoint saves and loads them: the policy and optimizer
+    consolidated, or `sharded` (--checkpoint_format sharded, or a sharded checkpoint being loaded)."""
+    tensors = [ShardedTensors(run)] if sharded else [PolicyWeights(run), OptimizerState(run)]
+    return [*tensors, SchedulerState(run), ScalerState(run), TrainerFile(run), ConfigFiles(run), ProcessorFiles(run)]
 
 
 # The policy
@@ -305,6 +309,31 @@ class OptimizerState:
             load_sharded_optimizer(folder, run.parts.policy, run.optimizer, run.parameter_names)
         else:
             load_optimizer(folder, run.optimizer)
+
+
+class ShardedTensors:
+    """shards/: the policy's weights (or adapters) and the optimizer state, every process writing the part it holds
+    and reading the part it needs, from any number of writers (accel_train.sharded_checkpoint). Built at its first
+    use, after FSDP has sharded the policy."""
+
+    name = "shards"
+
+    def __init__(self, run: RunState):
+        self.run = run
+        self._state: ShardedState | None = None
+
+    @property
+    def state(self) -> ShardedState:
+        if self._state is None:
+            self._state = ShardedState(self.run.policy, self.run.optimizer, self.run.gather_group)
+        return self._state
+
+    def save(self, folder: Path) -> Writer:
+        self.state.stage_and_save(folder)  # copies this process's part now; its writer thread writes it
+        return self.state.wait
+
+    def load(self, folder: Path, with_optimizer: bool = True) -> None:
+        self.state.load(folder, with_optimizer)
 
 
 # The small parts

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import functools
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -32,6 +33,7 @@ from accel_train.checkpoint import (
     TMP_PREFIX,
     TrainerState,
     _fsync,
+    is_sharded,
     list_checkpoints,
     name_for,
     step_from_name,
@@ -73,22 +75,25 @@ class Checkpointer:
         self.schedule = Every(cfg.save_freq, cfg.steps)
         self.resumed_from: Path | None = None
         fsdp = is_fsdp(accelerator)
+        distributed = torch.distributed.is_initialized() and accelerator.num_processes > 1
         self.run = RunState(
             accelerator,
             parts,
             cfg.to_dict(),
             asynchronous=cfg.async_checkpoint,
             fsdp=fsdp,
-            # Under FSDP every rank's writer thread gathers shards over a group of its own (gloo: CPU tensors).
-            # A timeout, so that a rank whose gather failed stops the others with an error rather than a hang.
+            # The writer threads' collectives (FSDP's gathers, sharded checkpoints' plans) go over a group of their
+            # own (gloo: CPU tensors), never interleaved with training's. A timeout, so that a rank whose write
+            # failed stops the others with an error rather than a hang.
             gather_group=torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(minutes=10))
-            if fsdp
+            if distributed
             else None,
             # FSDP replaces the parameter objects; their names, taken now, map the optimizer's ids on load.
             parameter_names=parameter_names(parts.policy, parts.optimizer) if fsdp else [],
         )
-        self.parts: list[Part] = registry(self.run)
-        self._loading: list[Part] = []
+        self.sharded = cfg.checkpoint_format == "sharded"
+        self.parts: list[Part] = registry(self.run, self.sharded)  # what a save writes
+        self._loading: list[Callable[[Path], None]] = []
         self._writers: list[Writer] = []
         self._error: Exception | None = None
         self._writer: threading.Thread | None = None
@@ -105,10 +110,15 @@ class Checkpointer:
         """Load what `start` continues from into the prepared parts; return the state the run continues at.
 
         A resume loads every part; --init_from the policy's weights only (its processors and config were read
-        when the run was built from it).
+        when the run was built from it). Either format loads into a run that writes either.
         """
         if start.source is not None:
-            self._loading = self.parts if start.resume is not None else [p for p in self.parts if p.name == "policy"]
+            sharded = is_sharded(start.source)
+            parts = self.parts if sharded == self.sharded else registry(self.run, sharded)
+            if start.resume is not None:
+                self._loading = [part.load for part in parts]
+            else:  # the first part holds the weights (PolicyWeights, or ShardedTensors without the optimizer)
+                self._loading = [functools.partial(parts[0].load, with_optimizer=False) if sharded else parts[0].load]
             try:
                 with self._only_hooks():
                     self.accelerator.load_state(str(start.source))
@@ -122,8 +132,8 @@ class Checkpointer:
 
     def _load_hook(self, models: list[torch.nn.Module], input_dir: str) -> None:
         """load_state's hook: every part to load reads its files."""
-        for part in self._loading:
-            part.load(Path(input_dir))
+        for load in self._loading:
+            load(Path(input_dir))
 
     # Saving
 

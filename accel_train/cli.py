@@ -6,7 +6,8 @@ accel-train checkpoints OUT|hf://U/R    list checkpoints: step, size, verified, 
 accel-train export CKPT DIR [--merge]   a lerobot pretrained folder (config.json, model.safetensors,
                                         processors) from a checkpoint folder or hf://USER/REPO[/checkpoint-N];
                                         an adapter (--peft) checkpoint exports as a PEFT adapter, or with
-                                        --merge as a full policy (its base fetched and verified)
+                                        --merge as a full policy (its base fetched and verified); a sharded
+                                        checkpoint also gives optimizer_state.pth, written from its shards
 accel-train plan [--num_processes N] [--fsdp | --config_file ACCELERATE.yaml] [--json] [TRAINING FLAGS]
                                         memory per process (weights, gradients, optimizer state), checkpoint
                                         sizes and the host memory a save needs, from the policy built on the
@@ -28,11 +29,17 @@ TOOLS = ("plot", "checkpoints", "export", "plan")
 
 
 def export(source: str, dest: Path, merge: bool = False) -> list[Path]:
-    write = adapters.export_merged if merge else ckpt.export
+    write = adapters.export_merged if merge else export_files
     if not hub.is_hub_uri(source):
         return write(Path(source), dest)
     with tempfile.TemporaryDirectory() as scratch:  # downloaded and verified, then exported, then dropped
         return write(hub.fetch_checkpoint(source, Path(scratch)), dest)
+
+
+def export_files(checkpoint: Path, dest: Path) -> list[Path]:
+    """The model folder; from a sharded checkpoint also optimizer_state.pth, so that dest holds the documented
+    files (a consolidated checkpoint holds them already)."""
+    return ckpt.export(checkpoint, dest, with_optimizer=ckpt.is_sharded(checkpoint))
 
 
 def main(argv: list[str] | None = None) -> int:

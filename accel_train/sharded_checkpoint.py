@@ -402,14 +402,20 @@ class ShardedState:
         self.wait()
         self._writer.shutdown()
 
-    def load(self, folder: Path) -> None:
-        """Load `folder`/shards into the live policy and optimizer, whatever the number of processes that wrote
-        them and whether either run used FSDP. Every process reads the parts of the chunks it holds."""
+    def load(self, folder: Path, with_optimizer: bool = True) -> None:
+        """Load `folder`/shards into the live policy and optimizer (without `with_optimizer`, the policy only:
+        --init_from), whatever the number of processes that wrote them and whether either run used FSDP. Every
+        process reads the parts of the chunks it holds."""
         self.wait()
         shards = Path(folder) / SHARDS_DIR
         index = read_index(shards)
         check_shards(shards, index)
-        model, optimizer = self._live_state()
+        if not with_optimizer:
+            model = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=False))
+            index = {**index, "optimizer": {"param_groups": [], "state": []}}
+            optimizer = {"param_groups": [], "state": {}}
+        else:
+            model, optimizer = self._live_state()
         targets = self._targets(shards, index, model, optimizer)
         dcp.load(
             targets,
@@ -427,6 +433,8 @@ class ShardedState:
             fqn: {key: values[key] if key in values else targets[f"{SHARD_OPTIMIZER}{fqn}/{key}"] for key in keys}
             for fqn, keys, values in index["optimizer"]["state"]
         }
+        if not with_optimizer:
+            return
         # Not strict: a parameter that never had a gradient has no state, here as in the optimizer's own state_dict.
         set_optimizer_state_dict(
             self.policy,
@@ -554,8 +562,9 @@ class _IndexedReader(HuggingFaceStorageReader):
         return self._metadata
 
 
-def export_consolidated(shards: Path, dest: Path) -> list[Path]:
-    """Write dest/policy.safetensors and dest/optimizer_state.pth, the consolidated checkpoint's files of the state
+def export_consolidated(shards: Path, dest: Path, with_optimizer: bool = True) -> list[Path]:
+    """Write dest/policy.safetensors and (`with_optimizer`) dest/optimizer_state.pth, the consolidated checkpoint's
+    files of the state
     in `shards` (a plain policy's file as safetensors' save_model writes it, an adapter policy's as PEFT names its
     tensors; the optimizer's state_dict with integer ids, torch.save's format). No process group, no GPU: each tensor
     is read whole from its chunks, written and dropped, so memory holds about the largest tensor."""
@@ -578,6 +587,8 @@ def export_consolidated(shards: Path, dest: Path) -> list[Path]:
     policy = {renamed.get(fqn, fqn): SHARD_MODEL + fqn for fqn in index["model"]}
     specs = {name: index["tensors"][key] for name, key in policy.items()}
     _write_safetensors(dest / POLICY_FILE, specs, index["tied"] or None, lambda name: read(policy[name]))
+    if not with_optimizer:
+        return [dest / POLICY_FILE]
     _write_optimizer(dest / OPTIMIZER_FILE, index, read)
     return [dest / POLICY_FILE, dest / OPTIMIZER_FILE]
 

@@ -208,13 +208,13 @@ class Kills:
     max_delay: float
 
 
-def chaos(tiny_dataset: Path, reference: Path, steps: int, tmp_path: Path, kills: Kills) -> None:
+def chaos(tiny_dataset: Path, reference: Path, steps: int, tmp_path: Path, kills: Kills, *extra: str) -> None:
     """Kill, restart with `latest`, repeat; then finish: the result must be the uninterrupted run's, bit for bit."""
     rng, max_delay = random.Random(kills.seed), kills.max_delay
     out = tmp_path / "out"
     args = base_args(
         tiny_dataset, out, "--steps", str(steps), "--image_transforms.enable=true", "--save_freq", "2",
-        "--resume_from_checkpoint", "latest", "--push_to_hub=true", "--hub_repo_id", "test-user/chaos",
+        "--resume_from_checkpoint", "latest", "--push_to_hub=true", "--hub_repo_id", "test-user/chaos", *extra,
     )  # fmt: skip
     with HubServer() as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(tmp_path / "home")}
@@ -248,6 +248,13 @@ def chaos(tiny_dataset: Path, reference: Path, steps: int, tmp_path: Path, kills
 
 def test_chaos(tiny_dataset: Path, straight: Path, tmp_path: Path) -> None:
     chaos(tiny_dataset, straight, STRAIGHT_STEPS, tmp_path, Kills(count=5, seed=0, max_delay=1.5))
+
+
+def test_chaos_sharded(tiny_dataset: Path, straight: Path, tmp_path: Path) -> None:
+    """The same with sharded checkpoints: kills land in their background writes too (the reference is consolidated:
+    a sharded run trains the same weights)."""
+    chaos(tiny_dataset, straight, STRAIGHT_STEPS, tmp_path, Kills(count=3, seed=2, max_delay=1.5),
+          "--checkpoint_format", "sharded")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -31,10 +31,10 @@ never use either lm_head, nor the parts of the language model's last layer after
 
 A checkpoint, in two formats: "consolidated" (today's: policy.safetensors holds the policy's state dict, or under
 --peft the adapters only, optimizer_state.pth the optimizer's state, both written by the main process) and
-"sharded" (torch.distributed.checkpoint with the Hugging Face safetensors storage writer, being built: each
-process writes what it holds, under FSDP its shards, without FSDP about 1/N as DCP spreads the replicated
-tensors; the same tensors in all, a weight tied under several names once, which the consolidated format under
-FSDP writes under each). The figures are tensor bytes; headers and the small files (configs, processor statistics,
+"sharded" (--checkpoint_format sharded, accel_train.sharded_checkpoint: each process writes its rows of every
+FSDP-sharded tensor, and the replicated tensors are spread over the processes by size, so without FSDP about 1/N;
+the same tensors in all, a weight tied under several names once, which the consolidated format under FSDP writes
+under each). The figures are tensor bytes; headers and the small files (configs, processor statistics,
 manifest: kilobytes) come on top. A push uploads the whole folder.
 
 Host (CPU) memory a save needs, in CPU buffers the checkpointer keeps for the whole run once the first save has
@@ -42,8 +42,8 @@ taken them, pinned on a GPU (torch's host allocator rounds each up to a power of
 --async_checkpoint (the default) the main process copies the policy and optimizer state; under FSDP every process
 copies its shards, and the main process also holds the full state it gathers (padded to N equal chunks, and
 exact where N does not divide the rows) and writes; without FSDP and with --async_checkpoint=false, safetensors'
-host copies of the weights while it writes. Sharded: every process stages what it holds (without FSDP its whole
-replica) before its writer thread writes. The plan assumes GPU processes.
+host copies of the weights while it writes. Sharded: every process stages what it writes, before its writer
+thread writes it. The plan assumes GPU processes.
 
 Not estimated: activations, FSDP's gathered units during forward and backward, the CUDA context and allocator
 cache: scripts/gpu_check.sh measures peak GPU memory on a GPU (`gpu_peak_gb` in metrics.jsonl).
@@ -67,7 +67,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,6 +80,7 @@ from accel_train import pretrained
 from accel_train.config import BasePolicy, TrainConfig, gives_policy_type, parse, split_policy_path
 from accel_train.errors import TrainError, UsageError, first_line
 from accel_train.flags import flag_value
+from accel_train.sharded_checkpoint import replica_owners
 
 NOT_ESTIMATED = (
     "Not estimated: activations (they grow with --batch_size), FSDP's gathered units during forward and backward, "
@@ -421,16 +422,22 @@ def checkpoint_bytes(state: State, processes: int, fsdp: bool) -> dict[str, dict
     one = {"weights": total(state.policy), "optimizer": total(state.optimizer)}
     dcp = {"weights": total(state.policy_sharded), "optimizer": total(state.optimizer)}
     whole = dcp["weights"] + dcp["optimizer"]
-    if fsdp:  # each process its shards; DCP writes each replicated tensor (buffers, steps) once: counted on rank 0
-        tensors = state.policy_sharded + state.optimizer
-        shares = [sum(t.local(r, processes) for t in tensors if t.sharded) for r in range(processes)]
-        shares[0] += sum(t.nbytes for t in tensors if not t.sharded)
-    else:  # DCP gives each replicated tensor to one process, spreading them: about 1/N each
-        shares = [-(-whole // processes)] * processes
+    shares = sharded_shares(state.policy_sharded + state.optimizer, processes, lambda nbytes: nbytes)
     return {
         "consolidated": {**one, "total": sum(one.values()), **main_and_others([sum(one.values())] + [0] * processes)},
         "sharded": {**dcp, "total": whole, **main_and_others(shares)},
     }
+
+
+def sharded_shares(tensors: list[Tensor], processes: int, weigh: Callable[[int], int]) -> list[int]:
+    """What each process writes (and stages) of a sharded checkpoint, each tensor's bytes weighed by `weigh`: its
+    rows of every FSDP-sharded tensor, and the replicated tensors (all of them without FSDP; buffers and step
+    counters under it) that accel_train.sharded_checkpoint gives it, spread over the processes by size."""
+    shares = [sum(weigh(t.local(r, processes)) for t in tensors if t.sharded and t.shape) for r in range(processes)]
+    replicas = [t for t in tensors if not (t.sharded and t.shape)]
+    for tensor, owner in zip(replicas, replica_owners([t.nbytes for t in replicas], processes), strict=True):
+        shares[owner] += weigh(tensor.nbytes)
+    return shares
 
 
 def main_and_others(per_rank: list[int]) -> dict[str, int]:
@@ -439,8 +446,7 @@ def main_and_others(per_rank: list[int]) -> dict[str, int]:
 
 def host_bytes(state: State, processes: int, fsdp: bool, asynchronous: bool) -> dict[str, dict[str, int]]:
     """The host memory a save needs, per format: the main process's, and the largest of the others'. Each
-    process's copies are pinned (rounded up to powers of two); without FSDP every process holds a replica, which
-    the sharded format stages whole."""
+    process's copies are pinned (rounded up to powers of two); the sharded format stages what each process writes."""
     ranks = range(processes)
     one, dcp = state.policy + state.optimizer, state.policy_sharded + state.optimizer
     if fsdp:
@@ -448,7 +454,7 @@ def host_bytes(state: State, processes: int, fsdp: bool, asynchronous: bool) -> 
     else:  # the main process's copies; a synchronous save: safetensors' host copies of the weights as it writes
         main = sum(pinned(t.nbytes) for t in one) if asynchronous else total(state.policy)
         consolidated = [main] + [0] * processes
-    sharded = [sum(pinned(t.local(rank, processes)) for t in dcp) for rank in ranks]
+    sharded = sharded_shares(dcp, processes, pinned)
     return {"consolidated": main_and_others(consolidated[:processes]), "sharded": main_and_others(sharded)}
 
 

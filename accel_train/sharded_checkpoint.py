@@ -256,17 +256,20 @@ def written_here(tensors: dict[str, torch.Tensor], world: int, rank: int) -> dic
     the same order, so all make the same choice. Only these are staged: without FSDP each process copies and writes
     about 1/N of the state. (DCP's own deduplication also picks one writer per replica, but at planning, in the
     writer thread, after every process has copied them all.)"""
-    given = [0] * world
-    mine = {}
-    for key, tensor in tensors.items():
-        if isinstance(tensor, DTensor):
-            mine[key] = tensor
-            continue
-        owner = given.index(min(given))
-        given[owner] += tensor.numel() * tensor.element_size()
-        if owner == rank:
-            mine[key] = tensor
-    return mine
+    replicas = [key for key, tensor in tensors.items() if not isinstance(tensor, DTensor)]
+    owners = dict(zip(replicas, replica_owners([tensors[k].numel() * tensors[k].element_size() for k in replicas],
+                                               world), strict=True))  # fmt: skip
+    return {key: tensor for key, tensor in tensors.items() if owners.get(key, rank) == rank}
+
+
+def replica_owners(sizes: list[int], world: int) -> list[int]:
+    """The process that writes each replicated tensor of `sizes` bytes, in order: the one given the fewest bytes so
+    far (accel_train.plan counts with it)."""
+    given, owners = [0] * world, []
+    for size in sizes:
+        owners.append(given.index(min(given)))
+        given[owners[-1]] += size
+    return owners
 
 
 class _ShardWriter(HuggingFaceStorageWriter):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 from conftest import REPO, assert_ok, base_args, free_port, losses, run_cli, same_weights
 from hub_server import HubServer
@@ -63,7 +64,14 @@ def same_optimizer(a: Path, b: Path) -> bool:
     )
 
 
-def test_every_process_writes_its_shard_and_the_export_is_the_consolidated_checkpoint(runs: Runs, tmp_path: Path):
+def tensor_bytes(path: Path) -> int:
+    with safetensors.safe_open(path, "pt") as file:
+        return sum(file.get_tensor(name).nbytes for name in file.keys())  # noqa: SIM118 (not a mapping)
+
+
+def test_every_process_writes_its_shard_and_the_export_is_the_consolidated_checkpoint(
+    runs: Runs, tiny_dataset: Path, tmp_path: Path
+) -> None:
     checkpoint = runs.sharded / "checkpoint-4"
     shards = sorted(p.name for p in (checkpoint / ckpt.SHARDS_DIR).iterdir())
     assert len(shards) == 3 and SHARD_INDEX_FILE in shards  # one file per process, and the index
@@ -72,6 +80,15 @@ def test_every_process_writes_its_shard_and_the_export_is_the_consolidated_check
     assert {f"{ckpt.SHARDS_DIR}/{name}" for name in shards} <= manifest.keys()
     sizes = [manifest[f"{ckpt.SHARDS_DIR}/{n}"]["size"] for n in shards if n != SHARD_INDEX_FILE]
     assert max(sizes) < 0.6 * sum(sizes), sizes  # each process wrote about half
+
+    # What each process wrote is what `accel-train plan` says it writes, to the byte (tensor bytes, no headers).
+    command = ["plan", *base_args(tiny_dataset, tmp_path, *STEPS), "--num_processes", "2", "--json"]
+    plan = subprocess.run([sys.executable, "-m", "accel_train.cli", *command], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert_ok(plan)
+    planned = json.loads(plan.stdout)["checkpoint_bytes"]["sharded"]
+    written = [tensor_bytes(checkpoint / ckpt.SHARDS_DIR / name) for name in shards if name != SHARD_INDEX_FILE]
+    assert written == [planned["main_process"], planned["other_processes"]]
 
     exported = tmp_path / "export"
     result = subprocess.run([sys.executable, "-m", "accel_train.cli", "export", str(checkpoint), str(exported)],

@@ -21,10 +21,13 @@ The last three are read before the policy exists (they say what to build), by `c
 `model.build_processors`; their `load` restores only what lives in the built run (the trainer's counters).
 
 `save(folder)` runs in the training thread on every rank, while training waits: it copies what it must into
-reused CPU buffers (`TensorCopies`) and writes small files on the main process. It returns the slow rest
-(gathering FSDP shards, serialising) as a function that the checkpointer's writer thread runs on every rank, or
-None. Accelerate's own `register_for_checkpointing` is not used: its load_state unpickles those objects'
-files (torch.load with weights_only=False), and checkpoints may come from strangers.
+reused CPU buffers (`TensorCopies`) and writes small files on the main process. It returns the slow rest as a
+`Deferred` that the checkpointer's writer thread runs on every rank once every rank's saves succeeded: first the
+collective halves of all parts (gathering FSDP shards, writing sharded checkpoints), then the main process's file
+writes, so that a failed write on one process never leaves the others waiting in a gather; or None.
+
+Accelerate's own `register_for_checkpointing` is not used: its load_state unpickles those objects' files
+(torch.load with weights_only=False), and checkpoints may come from strangers.
 """
 
 from __future__ import annotations
@@ -68,7 +71,14 @@ from accel_train.sharded_checkpoint import ShardedState
 
 log = logging.getLogger(__name__)
 
-Writer = Callable[[], None]
+
+@dataclass(frozen=True)
+class Deferred:
+    """The background half of a part's save: `collective` on every process (the parts' in order, all before any
+    `write`), then `write`, which writes this process's files."""
+
+    collective: Callable[[], None] | None = None
+    write: Callable[[], None] | None = None
 
 
 class Part(Protocol):
@@ -76,7 +86,7 @@ class Part(Protocol):
 
     name: str
 
-    def save(self, folder: Path) -> Writer | None: ...
+    def save(self, folder: Path) -> Deferred | None: ...
 
     def load(self, folder: Path) -> None: ...
 
@@ -210,11 +220,15 @@ class PolicyWeights:
         self.run = run
         self.copies = TensorCopies() if run.asynchronous or run.fsdp else None
 
-    def save(self, folder: Path) -> Writer | None:
+    def save(self, folder: Path) -> Deferred | None:
         run, policy = self.run, self.run.policy
         if run.fsdp:  # every rank copies its rows; the writer threads gather them to the main process
-            rows = self.copies.take(policy_state(policy), "policy", local=True)
-            return lambda: self._write(folder, self.copies.gather(rows, run.gather_group, run.is_main), None)
+            taken = {"rows": self.copies.take(policy_state(policy), "policy", local=True)}
+
+            def gather() -> None:
+                taken["full"] = self.copies.gather(taken["rows"], run.gather_group, run.is_main)
+
+            return Deferred(gather, lambda: self._write(folder, taken["full"], None))
         if not run.is_main:
             return None
         if self.copies is None:
@@ -222,8 +236,8 @@ class PolicyWeights:
             return None
         weights = policy_state(policy)
         tied = tied_names(weights)  # save_model's header: {dropped: kept}
-        taken = self.copies.take({k: v for k, v in weights.items() if k not in tied}, "policy")
-        return lambda: self._write(folder, taken, tied or None)
+        copied = self.copies.take({k: v for k, v in weights.items() if k not in tied}, "policy")
+        return Deferred(write=lambda: self._write(folder, copied, tied or None))
 
     def _write(self, folder: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
         if self.run.is_main:
@@ -285,18 +299,22 @@ class OptimizerState:
         self.run = run
         self.copies = TensorCopies() if run.asynchronous or run.fsdp else None
 
-    def save(self, folder: Path) -> Writer | None:
+    def save(self, folder: Path) -> Deferred | None:
         run = self.run
         if run.fsdp:
-            rows = self.copies.take(run.optimizer.state_dict(), "optimizer", local=True)
-            return lambda: self._write(folder, self.copies.gather(rows, run.gather_group, run.is_main))
+            taken = {"rows": self.copies.take(run.optimizer.state_dict(), "optimizer", local=True)}
+
+            def gather() -> None:
+                taken["full"] = self.copies.gather(taken["rows"], run.gather_group, run.is_main)
+
+            return Deferred(gather, lambda: self._write(folder, taken["full"]))
         if not run.is_main:
             return None
         if self.copies is None:
             torch.save(run.optimizer.state_dict(), folder / OPTIMIZER_FILE)
             return None
-        taken = self.copies.take(run.optimizer.state_dict(), "optimizer")
-        return lambda: self._write(folder, taken)
+        copied = self.copies.take(run.optimizer.state_dict(), "optimizer")
+        return Deferred(write=lambda: self._write(folder, copied))
 
     def _write(self, folder: Path, state: dict[str, Any]) -> None:
         if self.run.is_main:
@@ -328,9 +346,9 @@ class ShardedTensors:
             self._state = ShardedState(self.run.policy, self.run.optimizer, self.run.gather_group)
         return self._state
 
-    def save(self, folder: Path) -> Writer:
-        self.state.stage_and_save(folder)  # copies this process's part now; its writer thread writes it
-        return self.state.wait
+    def save(self, folder: Path) -> Deferred:
+        staged = self.state.stage(folder)  # this process's part copied now; written once every rank has copied
+        return Deferred(collective=lambda: self.state.write(staged))
 
     def load(self, folder: Path, with_optimizer: bool = True) -> None:
         self.state.load(folder, with_optimizer)

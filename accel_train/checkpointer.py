@@ -17,6 +17,7 @@ import datetime
 import fnmatch
 import functools
 import logging
+import random
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -39,7 +41,7 @@ from accel_train.checkpoint import (
     step_from_name,
     write_manifest,
 )
-from accel_train.checkpoint_parts import Part, RunState, Writer, parameter_names, registry
+from accel_train.checkpoint_parts import Deferred, Part, RunState, parameter_names, registry
 from accel_train.config import Every, TrainConfig
 from accel_train.errors import TrainError
 from accel_train.model import PolicyParts
@@ -52,6 +54,23 @@ if TYPE_CHECKING:
     from accel_train.start import Start
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _rng_kept() -> Iterator[None]:
+    """load_state sets the global RNGs from a `random_states_<rank>.pkl` it finds in the folder (read with
+    weights_only=True): accel-train's checkpoints have none, another tool's may. The run's RNGs stay as they are
+    (it re-seeds from (seed, step, rank) at every step anyway)."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    devices = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if devices is not None:
+            torch.cuda.set_rng_state_all(devices)
 
 
 def describe(error: Exception) -> str:
@@ -94,8 +113,9 @@ class Checkpointer:
         self.sharded = cfg.checkpoint_format == "sharded"
         self.parts: list[Part] = registry(self.run, self.sharded)  # what a save writes
         self._loading: list[Callable[[Path], None]] = []
-        self._writers: list[Writer] = []
+        self._deferred: list[Deferred] = []
         self._error: Exception | None = None
+        self._load_error: Exception | None = None
         self._writer: threading.Thread | None = None
         self._background_failure: tuple[int, str] | None = None
         accelerator.register_save_state_pre_hook(self._save_hook)
@@ -119,21 +139,28 @@ class Checkpointer:
                 self._loading = [part.load for part in parts]
             else:  # the first part holds the weights (PolicyWeights, or ShardedTensors without the optimizer)
                 self._loading = [functools.partial(parts[0].load, with_optimizer=False) if sharded else parts[0].load]
+            self._load_error = None
             try:
-                with self._only_hooks():
+                with self._only_hooks(), _rng_kept():
                     self.accelerator.load_state(str(start.source))
             except RuntimeError as error:  # Accelerate's own checks of the folder (e.g. foreign custom states)
                 raise TrainError(f"Accelerate could not read the checkpoint {start.source}: {error}") from None
             finally:
                 self._loading = []
+            if self._load_error is not None:  # a part's error, as the part raised it
+                raise self._load_error
         if start.resume is not None:
             self.resumed_from = start.resume
         return starting_state(self.cfg, self.accelerator.num_processes, start, data)
 
     def _load_hook(self, models: list[torch.nn.Module], input_dir: str) -> None:
-        """load_state's hook: every part to load reads its files."""
-        for load in self._loading:
-            load(Path(input_dir))
+        """load_state's hook: every part to load reads its files. An error is kept for restore() to raise as it
+        is, apart from Accelerate's own."""
+        try:
+            for load in self._loading:
+                load(Path(input_dir))
+        except Exception as error:
+            self._load_error = error
 
     # Saving
 
@@ -144,9 +171,9 @@ class Checkpointer:
         weights.clear()
         try:
             for part in self.parts:
-                writer = part.save(Path(output_dir))
-                if writer is not None:
-                    self._writers.append(writer)
+                deferred = part.save(Path(output_dir))
+                if deferred is not None:
+                    self._deferred.append(deferred)
         except Exception as error:  # e.g. disk full, no pinned memory
             self._error = error
 
@@ -170,7 +197,7 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.run.trainer_state, self._error, self._writers = state, None, []
+        self.run.trainer_state, self._error, self._deferred = state, None, []
         try:
             with self._only_hooks():
                 self.accelerator.save_state(str(tmp))
@@ -180,7 +207,7 @@ class Checkpointer:
         errors = [e for e in gather_object([describe(self._error) if self._error else None]) if e]
         if errors:
             self._fail(state.step, errors[0], tmp)
-        background = (self._writers, tmp, final)
+        background = (self._deferred, tmp, final)
         if self.run.asynchronous:
             self._writer = threading.Thread(target=self._write, args=background, name=f"write-{final.name}")
             self._writer.start()
@@ -225,13 +252,15 @@ class Checkpointer:
         if failures:
             self._fail(*failures[0])
 
-    def _write(self, writers: list[Writer], tmp: Path, final: Path) -> None:
-        """The background half of a save, on every rank: the parts' writers (under FSDP collective gathers to the
-        main process, which writes); then the main process publishes. A thread's exception would vanish: every
-        rank raises it at the next wait()."""
+    def _write(self, deferred: list[Deferred], tmp: Path, final: Path) -> None:
+        """The background half of a save, on every rank: the parts' collective halves (FSDP's gathers to the main
+        process, the sharded checkpoint's write), then their file writes; then the main process publishes. A
+        thread's exception would vanish: every rank raises it at the next wait()."""
         try:
-            for writer in writers:
-                writer()
+            for collective in [d.collective for d in deferred if d.collective is not None]:
+                collective()
+            for write in [d.write for d in deferred if d.write is not None]:
+                write()
             if self.accelerator.is_main_process:
                 self._finalize(tmp, final)
         except Exception as error:

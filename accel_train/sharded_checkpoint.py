@@ -55,8 +55,10 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,7 @@ from torch.distributed.checkpoint._hf_utils import (
     HF_DCP_VERSION,
     SAVED_OFFSETS_KEY,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
@@ -301,6 +304,30 @@ class _ShardWriter(HuggingFaceStorageWriter):
         return future
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A save's staged half: where it goes, this process's CPU copies, and index.json but its `files`."""
+
+    shards: Path
+    staged: dict[str, Any]
+    local: dict[str, torch.Tensor]
+    index: dict[str, Any]
+
+
+@contextmanager
+def _unwrapped(what: str) -> Iterator[None]:
+    """DCP reports a failure on any process as a CheckpointException, on every process; it derives from
+    BaseException, so `except Exception` would let it through (a writer thread would die with it unreported). The
+    first failing process's own exception is raised instead (an OSError stays an OSError: "[Errno 28] ...")."""
+    try:
+        yield
+    except CheckpointException as error:
+        rank, (first, _) = min(error.failures.items())
+        if isinstance(first, (OSError, TrainError)):
+            raise first from None
+        raise RuntimeError(f"{what} failed on process {rank}: {type(first).__name__}: {first}") from None
+
+
 class ShardedState:
     """The policy's and optimizer's state as sharded checkpoints; every process of `group` calls every method.
 
@@ -366,33 +393,41 @@ class ShardedState:
         process's tensors into CPU buffers (on a GPU it only queues the copies); a writer thread writes them and,
         on the main process, index.json. Returns that write's future; `wait()` raises its error. With `blocking`,
         returns when it is written."""
+        staged = self.stage(folder)
+        self._pending = self._writer.submit(self.write, staged)
+        if blocking:
+            self.wait()
+        return self._pending
+
+    def stage(self, folder: Path) -> Staged:
+        """The first half of a save, in the training thread: this process's tensors copied into CPU buffers."""
         self.wait()
         shards = Path(folder) / SHARDS_DIR
         if shards.is_dir() and any(shards.iterdir()):
             raise FileExistsError(f"{shards} is not empty: a sharded checkpoint is written into a new folder")
         tensors, index = self._state()
         staged, local = self._staging.stage(written_here(tensors, self.world_size, self.rank))
-        self._pending = self._writer.submit(self._write, shards, staged, local, index)
-        if blocking:
-            self.wait()
-        return self._pending
+        return Staged(shards, staged, local, index)
 
-    def _write(self, shards: Path, staged: dict[str, Any], local: dict[str, torch.Tensor], index: dict) -> None:
-        """In the writer thread: DCP's save (collective over the group: plans gathered to the main process and
-        scattered back, write results gathered to it, finish), then, on the main process once every process has
-        written, a check that the shards hold every tensor whole, and index.json."""
+    def write(self, job: Staged) -> None:
+        """The second half, in a writer thread of every process (collective over the group): DCP's save (plans
+        gathered to the main process and scattered back, write results gathered to it, finish), then, on the main
+        process once every process has written, a check that the shards hold every tensor whole, and index.json.
+        A failure on any process raises on every process, as the OSError (or other error) it was."""
         self._staging.wait_copied()
-        dcp.save(
-            staged,
-            storage_writer=_ShardWriter(str(shards), save_distributed=True),
-            planner=_StagedPlanner(local),
-            process_group=self.group,
-            no_dist=self.group is None,
-        )
+        with _unwrapped(f"Writing {job.shards}"):
+            dcp.save(
+                job.staged,
+                storage_writer=_ShardWriter(str(job.shards), save_distributed=True),
+                planner=_StagedPlanner(job.local),
+                process_group=self.group,
+                no_dist=self.group is None,
+            )
         if self.is_main:
-            index["files"] = {path.name: path.stat().st_size for path in sorted(shards.glob(f"*{SHARD_SUFFIX}"))}
-            check_shards(shards, index)
-            _write_json(shards / SHARD_INDEX_FILE, index)
+            index = job.index
+            index["files"] = {path.name: path.stat().st_size for path in sorted(job.shards.glob(f"*{SHARD_SUFFIX}"))}
+            check_shards(job.shards, index)
+            _write_json(job.shards / SHARD_INDEX_FILE, index)
 
     def wait(self) -> None:
         """Block until the save in flight is written: this process's shards and DCP's finish step (on the main
@@ -420,12 +455,13 @@ class ShardedState:
         else:
             model, optimizer = self._live_state()
         targets = self._targets(shards, index, model, optimizer)
-        dcp.load(
-            targets,
-            storage_reader=HuggingFaceStorageReader(str(shards)),
-            process_group=self.group,
-            no_dist=self.group is None,
-        )
+        with _unwrapped(f"Reading {shards}"):
+            dcp.load(
+                targets,
+                storage_reader=HuggingFaceStorageReader(str(shards)),
+                process_group=self.group,
+                no_dist=self.group is None,
+            )
         loaded = {name: targets[SHARD_MODEL + name] for name in index["model"]}
         for dropped, kept in index["tied"].items():
             loaded[dropped] = loaded[kept]

@@ -109,13 +109,13 @@ def test_a_snapshot_writes_the_files_of_a_synchronous_save(tmp_path: Path) -> No
     run = checkpoint_parts.RunState(
         accelerator, SimpleNamespace(policy=model, optimizer=SimpleNamespace(optimizer=optimizer)), {}, True, False
     )
-    writers = [checkpoint_parts.PolicyWeights(run).save(tmp_path), checkpoint_parts.OptimizerState(run).save(tmp_path)]
+    deferred = [checkpoint_parts.PolicyWeights(run).save(tmp_path), checkpoint_parts.OptimizerState(run).save(tmp_path)]
     taken = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with torch.no_grad():  # training goes on: the snapshot keeps the state it took
         model.embed.weight.add_(1)
     optimizer.step()
-    for write in writers:
-        write()
+    for part in deferred:
+        part.write()
     reference = Tied()
     reference.load_state_dict(taken)
     checkpoint_parts.save_model(reference, str(tmp_path / "reference.safetensors"))

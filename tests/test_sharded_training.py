@@ -5,6 +5,7 @@ resharding and export tensor by tensor: tests/test_sharded_checkpoint.py.)"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from hub_server import HubServer
 from test_fsdp import fsdp
 
 from accel_train import checkpoint as ckpt
+from accel_train import sharded_checkpoint
 from accel_train.sharded_checkpoint import SHARD_INDEX_FILE
 from accel_train.train import main
 
@@ -198,3 +200,27 @@ def test_sharded_checkpoints_are_pushed_and_resumed_from_the_hub(tiny_dataset: P
 
 def env_with(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **extra}
+
+
+def test_disk_full_during_a_sharded_write_stops_the_run_and_keeps_the_previous_checkpoint(
+    monkeypatch, capsys, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """torch reports a failed shard write as a CheckpointException, which is no Exception: it must still stop the
+    run with the disk's own error, remove the partial folder and leave checkpoint-2 to resume from."""
+    real_write, calls = sharded_checkpoint._write_safetensors, []
+
+    def write_then_fail(path: Path, *args, **kwargs) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(sharded_checkpoint, "_write_safetensors", write_then_fail)
+    out = tmp_path / "out"
+    assert main(base_args(tiny_dataset, out, *RUN, "--steps", "6", *SHARDED)) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Writing checkpoint-4 failed ([Errno 28] No space left on device)" in message
+    assert "checkpoint-2, is intact" in message
+    assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-2"] and not list(out.glob(".tmp-*"))
+    monkeypatch.setattr(sharded_checkpoint, "_write_safetensors", real_write)
+    assert main(base_args(tiny_dataset, out, *RUN, "--steps", "6", *SHARDED, "--resume_from_checkpoint", "latest")) == 0

@@ -121,7 +121,7 @@ def test_resume_is_exact_on_the_same_processes_in_either_format(runs: Runs, tiny
         assert ckpt.is_sharded(out / "checkpoint-4") == (extra == SHARDED), name
 
 
-def test_a_sharded_checkpoint_resumes_on_one_and_on_three_processes(runs: Runs, tiny_dataset: Path, tmp_path: Path):
+def test_a_sharded_checkpoint_resumes_on_one_three_and_two_processes(runs: Runs, tiny_dataset: Path, tmp_path: Path):
     for processes in (1, 3):
         out = tmp_path / str(processes)
         launcher = torchrun(processes) if processes > 1 else None
@@ -131,6 +131,12 @@ def test_a_sharded_checkpoint_resumes_on_one_and_on_three_processes(runs: Runs, 
         assert len(shards) == processes and ckpt.verify(out / "checkpoint-4") is None
         state = json.loads((out / "checkpoint-4" / ckpt.STATE_FILE).read_text())
         assert state["num_processes"] == processes and state["samples_seen"] == 16 + 2 * 4 * processes
+    # 1 -> 2: the single process's checkpoint, one shard, resumed by two.
+    result = run_cli(base_args(tiny_dataset, tmp_path / "1", *RUN, "--steps", "5", "--resume_from_checkpoint",
+                               "latest", *SHARDED), torchrun())  # fmt: skip
+    assert_ok(result)
+    assert "num_processes (1 -> 2)" in result.stderr and "at step 4 (epoch 0, sample 24)" in result.stderr
+    assert len(list((tmp_path / "1" / "checkpoint-5" / ckpt.SHARDS_DIR).glob("shard-*"))) == 2
 
 
 def test_fsdp_sharded_checkpoints_resume_exactly_and_without_fsdp(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -124,6 +124,17 @@ def registry(run: RunState, sharded: bool) -> list[Part]:
     return [*tensors, SchedulerState(run), ScalerState(run), TrainerFile(run), ConfigFiles(run), ProcessorFiles(run)]
 
 
+def gathered(copies: TensorCopies, state: Any, prefix: str, run: RunState, write: Callable[[Any], None]) -> Deferred:
+    """Under FSDP: this rank's rows of `state` copied now; gathered to the main process in the collective half,
+    then written by `write` (which gets the full state on the main process)."""
+    taken = {"rows": copies.take(state, prefix, local=True)}
+
+    def gather() -> None:
+        taken["full"] = copies.gather(taken["rows"], run.gather_group, run.is_main)
+
+    return Deferred(gather, lambda: write(taken["full"]))
+
+
 # The policy
 
 
@@ -222,13 +233,8 @@ class PolicyWeights:
 
     def save(self, folder: Path) -> Deferred | None:
         run, policy = self.run, self.run.policy
-        if run.fsdp:  # every rank copies its rows; the writer threads gather them to the main process
-            taken = {"rows": self.copies.take(policy_state(policy), "policy", local=True)}
-
-            def gather() -> None:
-                taken["full"] = self.copies.gather(taken["rows"], run.gather_group, run.is_main)
-
-            return Deferred(gather, lambda: self._write(folder, taken["full"], None))
+        if run.fsdp:
+            return gathered(self.copies, policy_state(policy), "policy", run, lambda w: self._write(folder, w, None))
         if not run.is_main:
             return None
         if self.copies is None:
@@ -302,12 +308,7 @@ class OptimizerState:
     def save(self, folder: Path) -> Deferred | None:
         run = self.run
         if run.fsdp:
-            taken = {"rows": self.copies.take(run.optimizer.state_dict(), "optimizer", local=True)}
-
-            def gather() -> None:
-                taken["full"] = self.copies.gather(taken["rows"], run.gather_group, run.is_main)
-
-            return Deferred(gather, lambda: self._write(folder, taken["full"]))
+            return gathered(self.copies, run.optimizer.state_dict(), "optimizer", run, lambda s: self._write(folder, s))
         if not run.is_main:
             return None
         if self.copies is None:

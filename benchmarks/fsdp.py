@@ -25,8 +25,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +47,22 @@ BATCH = 2
 SHIM = REPO / "tests" / "fsdp_on_cpu.py"
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
 MODES = ("DDP", "FSDP")
+SMALL_PARTS = ("SchedulerState", "ScalerState", "TrainerFile", "ConfigFiles", "ProcessorFiles")  # checkpoint_parts
 
 
 # --- worker: one process of a training run ---------------------------------------------------------------------
 
 
-def widen() -> int:
-    """tests/pi_stand_in.py's patch of lerobot's pi0 modules, with the WIDE sizes; returns the parameters of the
-    PaliGemma + expert it builds (on the meta device), which must be at least MIN_PARAMS."""
+def widen(gemma: dict[str, dict] = WIDE, vision: dict[str, int] = WIDE_VISION, min_params: int = MIN_PARAMS) -> int:
+    """tests/pi_stand_in.py's patch of lerobot's pi0 modules, with the sizes `gemma` (by variant) and `vision` (WIDE
+    and WIDE_VISION unless given); returns the parameters of the PaliGemma + expert it builds (on the meta device),
+    which must be at least `min_params`."""
     import pi_stand_in
     import torch
     from lerobot.policies.pi0 import modeling_pi0
 
-    pi_stand_in.GEMMA.update({variant: dict(sizes) for variant, sizes in WIDE.items()})
-    pi_stand_in.VISION.update(WIDE_VISION)
+    pi_stand_in.GEMMA.update({variant: dict(sizes) for variant, sizes in gemma.items()})
+    pi_stand_in.VISION.update(vision)
     pi_stand_in.shrink(modeling_pi0)  # pi_stand_in.check_shrunk refuses over 1M parameters: the check is here
     with torch.device("meta"):
         model = modeling_pi0.PaliGemmaWithExpertModel(
@@ -69,8 +72,8 @@ def widen() -> int:
             image_size=IMAGE_SIZE,
         )
     parameters = sum(p.numel() for p in model.parameters())
-    if parameters < MIN_PARAMS:
-        raise SystemExit(f"the widened pi0 stand-in has {parameters:,} parameters, fewer than {MIN_PARAMS:,}")
+    if parameters < min_params:
+        raise SystemExit(f"the widened pi0 stand-in has {parameters:,} parameters, fewer than {min_params:,}")
     return parameters
 
 
@@ -86,14 +89,15 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(result_dir: Path, args: list[str]) -> None:
-    """Train with `args` on this rank; write RESULT_DIR/rank<N>.json: save durations, footprint, memory."""
+def worker(result_dir: Path, args: list[str], widened: Callable[[], int] = widen) -> None:
+    """Train with `args` on this rank; write RESULT_DIR/rank<N>.json: save durations, footprint, memory.
+    `widened` patches pi0's sizes (`widen` with other sizes, say) and returns its backbone's parameters."""
     import torch
 
-    from accel_train import checkpoint_parts, checkpointer, sharding
+    from accel_train import checkpoint_parts, checkpointer, sharded_checkpoint, sharding
     from accel_train import train as trainer
 
-    backbone = widen()
+    backbone = widened()
     saves: list[dict[str, float]] = []
     taken: dict[str, Any] = {}
     save, summarize = checkpointer.Checkpointer.save, trainer.summarize
@@ -133,12 +137,22 @@ def worker(result_dir: Path, args: list[str]) -> None:
     # Where a save's time goes, by the checkpointer's parts that exist in this version of it: waiting for the
     # previous write; copying into the snapshot (DDP: the whole state; FSDP: this rank's shards); gathering
     # sharded state to the main process (torch's full state dicts, or the snapshot's own gather); writing.
+    # --checkpoint_format sharded: taking the state dicts (torch's, of the sharded policy and optimizer), copying
+    # this process's part, and its writer thread's write of its shard file. In both: the barriers (a rank waiting
+    # for the others), the small files (configs, processors, trainer state), and the main process's publishing of
+    # the folder (the manifest's sha256 of every file, the rename).
     parts = [
         (checkpointer.Checkpointer, "wait", "wait_s"),
         (checkpoint_parts.TensorCopies, "take", "copy_s"),
         (checkpoint_parts.TensorCopies, "gather", "gather_s"),
         (checkpoint_parts.PolicyWeights, "_write", "write_s"),
         (checkpoint_parts.OptimizerState, "_write", "write_s"),
+        (getattr(sharded_checkpoint, "ShardedState", None), "_state", "state_dict_s"),
+        (getattr(sharded_checkpoint, "_Staging", None), "stage", "copy_s"),
+        (getattr(sharded_checkpoint, "ShardedState", None), "write", "write_s"),
+        (checkpointer.Checkpointer, "_finalize", "publish_s"),
+        (checkpointer.Accelerator, "wait_for_everyone", "barrier_s"),
+        *((getattr(checkpoint_parts, part, None), "save", "small_files_s") for part in SMALL_PARTS),
     ]
     for owner, attribute, name in parts:
         if hasattr(owner, attribute):
@@ -203,12 +217,25 @@ def trainer_args(data: Path, out: Path, steps: int, save_freq: int) -> list[str]
     ]  # fmt: skip
 
 
-def one_run(mode: str, name: str, tmp: Path, env: dict[str, str], args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """What another benchmark changes in `one_run`: the worker script (`SCRIPT --worker RESULT_DIR TRAINER_ARGS`),
+    trainer options added after these runs' own (draccus takes the last of a repeated option), and whether the run's
+    output folder (the result's "out") is kept for the caller to measure and delete."""
+
+    script: Path = Path(__file__)
+    extra: tuple[str, ...] = ()
+    keep: bool = False
+
+
+def one_run(
+    mode: str, name: str, tmp: Path, env: dict[str, str], args: argparse.Namespace, variant: Variant = Variant()
+) -> dict:
     """One training run of `mode` in TMP/NAME, on the dataset in TMP/piper_demo: what it measured."""
     out, results, steps = tmp / name, tmp / f"{name}-results", args.steps
     results.mkdir()
-    command = [*launcher(mode), str(Path(__file__).resolve()), "--worker", str(results),
-               *trainer_args(tmp / "piper_demo", out, steps, args.save_freq)]  # fmt: skip
+    command = [*launcher(mode), str(variant.script.resolve()), "--worker", str(results),
+               *trainer_args(tmp / "piper_demo", out, steps, args.save_freq), *variant.extra]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     wall = time.perf_counter() - started
@@ -233,9 +260,10 @@ def one_run(mode: str, name: str, tmp: Path, env: dict[str, str], args: argparse
     rate = len(steady) / sum(1 / r["samples_per_s"] for r in steady)
     span = records[-1]["time"] - records[0]["time"]
     with_saves = (records[-1]["samples_seen"] - records[0]["samples_seen"]) / span
-    subprocess.run(["rm", "-rf", str(out)], check=True)  # ~1.5 GB a checkpoint
+    if not variant.keep:
+        subprocess.run(["rm", "-rf", str(out)], check=True)  # ~1.5 GB a checkpoint
     return {
-        "mode": mode, "name": name, "wall_s": wall, "blocked": blocked, "steady_saves": steady_saves,
+        "mode": mode, "name": name, "out": str(out), "wall_s": wall, "blocked": blocked, "steady_saves": steady_saves,
         "all_saves": main["saves"], "samples_per_s": rate, "with_saves": with_saves, "ranks": ranks,
         "losses": [r["loss"] for r in records],
     }  # fmt: skip
@@ -465,6 +493,26 @@ Reading.
 """  # noqa: E501
 
 
+def run_all(args: argparse.Namespace, runs_in: Callable[..., Iterator[dict]], report: Callable[..., str]) -> None:
+    """The runs `runs_in(tmp, env)` yields, in a scratch folder TMP holding the demo dataset (TMP/piper_demo), with
+    the environment of `tokenizer_hub`; their records kept in args.logs/runs.json (args.logs: TMP unless given);
+    `report(args, runs, started, wall)` written to args.out and printed."""
+    from accel_train import demo_dataset
+
+    started, clock = time.time(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        args.logs = args.logs or tmp
+        args.logs.mkdir(parents=True, exist_ok=True)
+        demo_dataset.create(tmp / "piper_demo", episodes=2, seed=0)
+        with tokenizer_hub(tmp) as env:
+            runs = list(runs_in(tmp, env))
+        (args.logs / "runs.json").write_text(json.dumps(runs, indent=1))
+    text = report(args, runs, started, time.perf_counter() - clock)
+    args.out.write_text(text)
+    print(text)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
         return worker(Path(sys.argv[2]), sys.argv[3:])
@@ -475,30 +523,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks_fsdp.md")
     parser.add_argument("--logs", type=Path, help="keep each run's output here (default: discarded)")
     args = parser.parse_args()
-    from accel_train import demo_dataset
 
-    started, clock = time.time(), time.perf_counter()
-    runs = []
-    with tempfile.TemporaryDirectory() as scratch:
-        tmp = Path(scratch)
-        args.logs = args.logs or tmp
-        args.logs.mkdir(parents=True, exist_ok=True)
-        demo_dataset.create(tmp / "piper_demo", episodes=2, seed=0)
-        with tokenizer_hub(tmp) as env:
-            for rep in range(args.reps):
-                for mode in MODES if rep % 2 == 0 else MODES[::-1]:
-                    run = one_run(mode, f"{mode.lower()}-{rep}", tmp, env, args)
-                    runs.append(run)
-                    print(
-                        f"{run['name']}: blocked {[round(s, 2) for s in run['blocked']]} s, "
-                        f"{run['samples_per_s']:.3f} samples/s, footprint "
-                        f"{size(max(k['footprint']['local'] for k in run['ranks']))}, wall {run['wall_s']:.0f} s",
-                        flush=True,
-                    )
-        (args.logs / "runs.json").write_text(json.dumps(runs, indent=1))
-    text = report(args, runs, started, time.perf_counter() - clock)
-    args.out.write_text(text)
-    print(text)
+    def runs_in(tmp: Path, env: dict[str, str]) -> Iterator[dict]:
+        for rep in range(args.reps):
+            for mode in MODES if rep % 2 == 0 else MODES[::-1]:
+                run = one_run(mode, f"{mode.lower()}-{rep}", tmp, env, args)
+                print(
+                    f"{run['name']}: blocked {[round(s, 2) for s in run['blocked']]} s, "
+                    f"{run['samples_per_s']:.3f} samples/s, footprint "
+                    f"{size(max(k['footprint']['local'] for k in run['ranks']))}, wall {run['wall_s']:.0f} s",
+                    flush=True,
+                )
+                yield run
+
+    run_all(args, runs_in, report)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU check (one GPU, under 8 minutes on an H200): bf16 and fp16 training on the demo dataset, checkpoint,
 # resume, and the exact-resume comparison (N steps straight vs K steps + resume to N); an FSDP checkpoint (Accelerate,
-# configs/accelerate/fsdp.yaml, one process, ACT with validation) resumed without FSDP, against fp32 straight; pi0
-# trained and resumed in bf16 (tests/test_pi.py, at most 4 minutes); pi0 under the FSDP config in bf16 with gradient
-# checkpointing, peak GPU memory and samples/s (tests/test_fsdp.py, at most 2.5 minutes). Writes docs/gpu_check.md.
+# configs/accelerate/fsdp.yaml, one process, ACT with validation) resumed without FSDP, against fp32 straight; pi0 with
+# --checkpoint_format sharded, saved and resumed, the time a sharded and a consolidated save block training
+# (tests/test_pi_checkpoint_gpu.py, at most 2.5 minutes); pi0 trained and resumed in bf16 (tests/test_pi.py, at most
+# 4 minutes); pi0 under the FSDP config in bf16 with gradient checkpointing, peak GPU memory and samples/s
+# (tests/test_fsdp.py, at most 2.5 minutes). Writes docs/gpu_check.md.
 #   bash scripts/gpu_check.sh            (after `make .venv/.installed` or with the venv carried along)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +41,14 @@ run fsdp-part1 --output_dir "$work/fsdp-resumed" --steps 37 --save_freq 37
 launcher=("$py")
 run fsdp-part2 --output_dir "$work/fsdp-resumed" --steps 60 --save_freq 60 --resume_from_checkpoint latest
 
+# pi0 at real size with sharded checkpoints: bf16 weights and the action expert trained, so that a checkpoint is
+# ~9.5 GB, not fp32 full fine-tuning's 42 GB (tests/test_pi_checkpoint_gpu.py says why). First of the pi0 checks and
+# its files removed after it: the disk (64 GiB) holds few pi0 checkpoints. Bounded like the checks below.
+sharded_status=0
+timeout 150 "$py" -m pytest -m slow tests/test_pi_checkpoint_gpu.py -q -s -p no:cacheprovider \
+    --basetemp "$work/pytest-sharded" > "$work/pi0_sharded.log" 2>&1 || sharded_status=$?
+rm -rf "$work/pytest-sharded"
+
 # pi0 (default variants, 4B parameters) in bf16: trains, checkpoints and resumes (tests/test_pi.py; its tokenizer
 # is a stand-in served by the tests' Hub). Bounded so that the rest of the report is always written.
 pi0_status=0
@@ -47,7 +57,7 @@ fsdp_status=0
 timeout 150 "$py" -m pytest -m slow tests/test_fsdp.py -q -s -p no:cacheprovider > "$work/pi0_fsdp.log" 2>&1 \
     || fsdp_status=$?
 
-"$py" - "$work" "$report" "$pi0_status" "$fsdp_status" <<'PY'
+"$py" - "$work" "$report" "$pi0_status" "$fsdp_status" "$sharded_status" <<'PY'
 import json, sys
 from pathlib import Path
 import torch
@@ -82,6 +92,12 @@ fsdp = [line for line in (work / "pi0_fsdp.log").read_text().splitlines() if lin
 outcome = {0: "passed", 124: "timed out after 150 s"}.get(status, f"failed (exit {status})")
 lines += ["", f"pi0 under configs/accelerate/fsdp.yaml, bf16, gradient checkpointing (`pytest -m slow tests/test_fsdp.py`): {outcome}",
           *[f"    {line}" for line in fsdp]]
+status = int(sys.argv[5])
+sharded = [line for line in (work / "pi0_sharded.log").read_text().splitlines() if line.startswith("pi0 sharded")
+           or " passed" in line or " failed" in line or " skipped" in line or line.startswith("E ")][:20]
+outcome = {0: "passed", 124: "timed out after 150 s"}.get(status, f"failed (exit {status})")
+lines += ["", f"pi0 sharded checkpoint saved and resumed, bf16, action expert trained "
+          f"(`pytest -m slow tests/test_pi_checkpoint_gpu.py`): {outcome}", *[f"    {line}" for line in sharded]]
 report.write_text("\n".join(lines) + "\n")
 print(report.read_text())
 PY

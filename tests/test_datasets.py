@@ -26,7 +26,7 @@ from accel_train.mix import EpisodeOrder, MixedOrder, epoch_counts
 from accel_train.resume import starting_state
 from accel_train.train import main
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]  # a free port
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
 
 @pytest.fixture(scope="module")

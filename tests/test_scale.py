@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from accel_train import checkpoint as ckpt
 from accel_train.train import main
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]  # a free port
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

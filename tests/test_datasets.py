@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_ok, base_args, losses, run_cli, same_weights
+from conftest import REPO, assert_ok, base_args, free_port, losses, run_cli, same_weights
 from lerobot.datasets.sampler import EpisodeAwareSampler
 
 from accel_train import demo_dataset
@@ -26,7 +26,8 @@ from accel_train.mix import EpisodeOrder, MixedOrder, epoch_counts
 from accel_train.resume import starting_state
 from accel_train.train import main
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+# A port free now, not torchrun's default 29500, which another run on the machine may hold.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
 @pytest.fixture(scope="module")

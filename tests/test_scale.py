@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from accel_train import checkpoint as ckpt
 from accel_train.train import main
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+# A port free now, not torchrun's default 29500, which another run on the machine may hold.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

@@ -67,7 +67,7 @@ from accel_train.checkpoint import (
 )
 from accel_train.errors import TrainError
 from accel_train.model import PolicyParts
-from accel_train.sharded_checkpoint import ShardedState
+from accel_train.sharded_checkpoint import ShardedState, adapter_names, is_adapted
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,6 @@ def gathered(copies: TensorCopies, state: Any, prefix: str, run: RunState, write
 # The policy
 
 
-def is_adapted(policy: torch.nn.Module) -> bool:
-    """A policy wrapped with PEFT adapters (--peft)."""
-    return hasattr(policy, "peft_config")
-
-
 def policy_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint holds of the (unwrapped) policy: its whole state; or for an adapter fine-tune only what
     training changes (adapters, fully trained modules), in PEFT's own adapter format (`get_peft_model_state_dict`),
@@ -209,11 +204,7 @@ def load_sharded_policy_weights(policy: torch.nn.Module, checkpoint: Path) -> No
     check_policy_file(policy, checkpoint)
     weights = load_file(checkpoint / POLICY_FILE)
     if is_adapted(policy):
-        from peft.utils import get_peft_model_state_dict
-
-        own = policy.state_dict(keep_vars=True)
-        key_of = {id(tensor): key for key, tensor in own.items()}
-        names = {saved: key_of[id(t)] for saved, t in get_peft_model_state_dict(policy, state_dict=own).items()}
+        names = {saved: fqn for fqn, saved in adapter_names(policy).items()}
         weights = {names[saved]: tensor for saved, tensor in weights.items()}  # every name checked above
         set_model_state_dict(policy, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         return

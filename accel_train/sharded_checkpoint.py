@@ -106,7 +106,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 
 def is_adapted(policy: torch.nn.Module) -> bool:
-    """A policy wrapped with PEFT adapters: the same test as the checkpointer's."""
+    """A policy wrapped with PEFT adapters (--peft)."""
     return hasattr(policy, "peft_config")
 
 

@@ -42,8 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import _remove_duplicate_names
-from torch.distributed.tensor import DTensor
 
 from accel_train.data import DataPosition
 from accel_train.errors import TrainError
@@ -158,17 +156,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def tied_names(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
-    """{dropped name: kept name} for weights tied under several names: the choice save_model makes.
-
-    safetensors' `_remove_duplicate_names` is what `save_model` calls; it has no public twin, and the snapshot and
-    the loader must choose exactly as save_model does for their files to match its files. FSDP's sharded tensors
-    (DTensor) have no storage of their own to compare and are never tied here.
-    """
-    local = {name: tensor for name, tensor in state_dict.items() if not isinstance(tensor, DTensor)}
-    return {dropped: kept for kept, group in _remove_duplicate_names(local).items() for dropped in group}
 
 
 def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:

@@ -63,11 +63,10 @@ from accel_train.checkpoint import (
     TRAIN_CONFIG_FILE,
     TrainerState,
     load_tensors,
-    tied_names,
 )
 from accel_train.errors import TrainError
 from accel_train.model import PolicyParts
-from accel_train.sharded_checkpoint import ShardedState, adapter_names, is_adapted
+from accel_train.sharded_checkpoint import ShardedState, adapter_names, is_adapted, tied_names
 
 log = logging.getLogger(__name__)
 

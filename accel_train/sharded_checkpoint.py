@@ -120,15 +120,23 @@ def adapter_names(policy: torch.nn.Module) -> dict[str, str]:
     return {key_of[id(t)]: saved for saved, t in get_peft_model_state_dict(policy, state_dict=own).items()}
 
 
+def tied_names(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{dropped name: kept name} for weights tied under several names: the choice save_model makes.
+
+    safetensors' `_remove_duplicate_names` is what `save_model` calls; it has no public twin, and the copies, the
+    loaders and the export must choose exactly as save_model does for their files to match its files. FSDP's
+    sharded tensors (DTensor) have no storage of their own to compare and are never tied here.
+    """
+    local = {name: tensor for name, tensor in state_dict.items() if not isinstance(tensor, DTensor)}
+    return {dropped: kept for kept, group in _remove_duplicate_names(local).items() for dropped in group}
+
+
 def tied_weights(policy: torch.nn.Module) -> dict[str, str]:
     """{dropped: kept} for the policy's tensors registered under several names, as save_model chooses: its own
-    choice for plain tensors (checkpoint.tied_names); FSDP's DTensors, which have no storage to compare, by identity
+    choice for plain tensors (`tied_names`); FSDP's DTensors, which have no storage to compare, by identity
     (FSDP2 registers one DTensor under every name), keeping the first name in sorted order as save_model does."""
     state = policy.state_dict(keep_vars=True)
-    # checkpoint.tied_names is this call; that module is not imported here: it imports the data pipeline (lerobot,
-    # ~10 s), which processes that only save and load shards do without.
-    plain = _remove_duplicate_names({name: t for name, t in state.items() if not isinstance(t, DTensor)})
-    tied = {dropped: kept for kept, group in plain.items() for dropped in group}
+    tied = tied_names(state)
     groups: dict[int, list[str]] = {}
     for name, tensor in state.items():
         if isinstance(tensor, DTensor):
